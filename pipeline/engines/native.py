@@ -1,0 +1,217 @@
+"""The native engine: records → uint8 channels-last crops, two ways.
+
+- ``decode="workers"``: CPU worker processes (torch's DataLoader) each make a whole batch with
+  Pillow: JPEG DCT-domain downscaling (``draft``) when the crop is much larger than the output,
+  then one antialiased crop-and-resize per image. The cheap way on a CPU, and the fallback.
+- ``decode="device"``: the main process hands the batch's JPEG bytes to
+  ``torchvision.io.decode_jpeg(list, device=...)`` (batched nvJPEG on CUDA), then crops, resizes
+  and flips the whole batch on the device with one ``roi_align`` over an edge-padded canvas; a
+  background thread (its own CUDA stream) prepares batch i+1 while step i runs.
+"""
+from __future__ import annotations
+
+import io
+import math
+import queue
+import threading
+from contextlib import nullcontext
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.ops import roi_align
+
+from ..errors import DataError
+from ..records import RecordFile
+from ..sampling import BatchTask
+from .base import register_engine
+
+
+def pil_crop(jpeg: bytes | np.ndarray, box: np.ndarray, flip: bool, size: int) -> np.ndarray:
+    """Decode one JPEG, crop ``box`` (x0, y0, x1, y1 in source pixels), resize to size×size
+    (antialiased bilinear), flip; HWC uint8."""
+    img = Image.open(io.BytesIO(jpeg))
+    w0, h0 = img.size
+    shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
+    if shrink >= 2:  # decode at 1/2, 1/4 or 1/8 scale: the crop still covers ≥ size pixels
+        img.draft("RGB", (math.ceil(w0 / shrink), math.ceil(h0 / shrink)))
+    sx, sy = img.size[0] / w0, img.size[1] / h0
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    out = img.resize((size, size), Image.Resampling.BILINEAR,
+                     box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+class _BatchDataset(Dataset):
+    """Map-style dataset whose "index" is a whole BatchTask: one worker makes one batch."""
+
+    def __init__(self, records: RecordFile):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, task: BatchTask):
+        out = np.empty((len(task.indices), task.size, task.size, 3), np.uint8)
+        for k, i in enumerate(task.indices):
+            try:
+                out[k] = pil_crop(self.records.raw(int(i)), task.boxes[k], bool(task.flips[k]),
+                                  task.size)
+            except Exception as e:
+                raise DataError(f"{self.records.path}: record {int(i)} cannot be decoded "
+                                f"({type(e).__name__}: {e})") from None
+        labels = self.records.index["label"][task.indices].astype(np.int64)
+        return torch.from_numpy(out), torch.from_numpy(labels)
+
+
+class _TaskSampler:
+    """Yields the current epoch's tasks; the DataLoader's persistent workers stay alive."""
+
+    def __init__(self):
+        self.tasks: list[BatchTask] = []
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def crop_resize_flip(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
+                     size: int) -> torch.Tensor:
+    """Batched crop + resize + flip of differently sized CHW uint8 images on their device.
+
+    The images are gathered into one canvas whose padding repeats each image's last row and
+    column (so bilinear samples at a crop's far edge never blend in zeros), then one
+    ``roi_align`` (adaptive sampling: an average over the source pixels of each output pixel,
+    i.e. antialiased when shrinking) makes every crop. Returns uint8 N×3×S×S, channels-last.
+    """
+    device = images[0].device
+    n = len(images)
+    hs = torch.tensor([im.shape[1] for im in images], device=device)
+    ws = torch.tensor([im.shape[2] for im in images], device=device)
+    hmax, wmax = int(hs.max()), int(ws.max())
+    flat = torch.cat([im.reshape(3, -1) for im in images], dim=1)   # 3 × Σ h·w
+    starts = torch.cumsum(hs * ws, 0) - hs * ws
+    rows = torch.minimum(torch.arange(hmax, device=device)[None], (hs - 1)[:, None])  # N × H
+    cols = torch.minimum(torch.arange(wmax, device=device)[None], (ws - 1)[:, None])  # N × W
+    index = starts[:, None, None] + rows[:, :, None] * ws[:, None, None] + cols[:, None, :]
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    canvas = flat[:, index.reshape(-1)].reshape(3, n, hmax, wmax).transpose(0, 1).to(dtype)
+    rois = torch.cat([torch.arange(n, device=device, dtype=dtype)[:, None],
+                      boxes.to(device=device, dtype=dtype)], dim=1)
+    out = roi_align(canvas, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1,
+                    aligned=True)
+    out = torch.where(flips.to(device)[:, None, None, None], out.flip(3), out)
+    out = out.round_().clamp_(0, 255).to(torch.uint8)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+_END = object()
+
+
+@register_engine("native")
+class NativeEngine:
+    def __init__(self, records: RecordFile, device: torch.device | str = "cpu",
+                 decode: str = "auto", workers: int = 2, prefetch: int = 2):
+        self.records = records
+        self.device = torch.device(device)
+        if decode == "auto":
+            decode = "device" if self.device.type == "cuda" else "workers"
+        if decode not in ("workers", "device"):
+            raise ValueError(f"unknown decode mode {decode!r}; choose auto, workers or device")
+        self.decode = decode
+        self.prefetch = max(1, prefetch)
+        self._labels = torch.from_numpy(records.labels)
+        self._sampler = _TaskSampler()
+        self._loader = None
+        if decode == "workers":
+            cuda = self.device.type == "cuda"
+            self._loader = DataLoader(
+                _BatchDataset(records), batch_size=None, sampler=self._sampler,
+                num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
+                prefetch_factor=self.prefetch if workers > 0 else None)
+
+    def batches(self, tasks: Iterable[BatchTask]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.decode == "workers":
+            self._sampler.tasks = list(tasks)
+            for images, labels in self._loader:
+                yield (images.to(self.device, non_blocking=True).permute(0, 3, 1, 2),
+                       labels.to(self.device, non_blocking=True))
+        else:
+            yield from self._threaded(tasks)
+
+    def _device_batch(self, task: BatchTask) -> tuple[torch.Tensor, torch.Tensor]:
+        datas = [torch.from_numpy(np.array(self.records.raw(int(i)))) for i in task.indices]
+        try:
+            images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError as e:
+            raise DataError(f"{self.records.path}: a record of batch {task.batch} cannot be "
+                            f"decoded ({e})") from None
+        out = crop_resize_flip(images, torch.from_numpy(task.boxes),
+                               torch.from_numpy(task.flips), task.size)
+        labels = self._labels[torch.from_numpy(task.indices)].to(self.device, non_blocking=True)
+        return out, labels
+
+    def _threaded(self, tasks: Iterable[BatchTask]):
+        """Make batches in a background thread, ``prefetch`` ahead, on a side CUDA stream."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def produce():
+            try:
+                with torch.cuda.stream(stream) if cuda else nullcontext():
+                    for task in tasks:
+                        out = self._device_batch(task)
+                        event = torch.cuda.Event() if cuda else None
+                        if cuda:
+                            event.record(stream)
+                        if not put((out, event)):
+                            return
+                put(_END)
+            except BaseException as e:  # handed to the consumer, raised there
+                put(e)
+
+        thread = threading.Thread(target=produce, daemon=True, name="tricks-decode")
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                (images, labels), event = item
+                if cuda:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    images.record_stream(current)
+                    labels.record_stream(current)
+                yield images, labels
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def close(self) -> None:
+        if self._loader is not None:
+            it = getattr(self._loader, "_iterator", None)
+            if it is not None:
+                it._shutdown_workers()
+            self._loader = None

@@ -1,0 +1,133 @@
+"""Epoch order, sharding and crop parameters, all keyed by (seed, epoch, global batch).
+
+Every random draw for global batch ``b`` of epoch ``e`` comes from one generator seeded by
+(seed, e, b), drawn for the whole global batch and then sliced by rank: the same global batch
+comes out whatever the number of ranks, and resuming at batch ``b`` needs no replay.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_ATTEMPTS = 10  # RandomResizedCrop's tries before its centre-crop fallback (as torchvision)
+
+
+def keyed_generator(*key: int | str) -> torch.Generator:
+    """A CPU generator seeded by a stable hash of ``key`` (not Python's salted ``hash``)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """One rank's share of one global batch: what an engine needs to produce it."""
+    epoch: int
+    batch: int                 # global batch number within the epoch
+    indices: np.ndarray        # record indices, int64
+    boxes: np.ndarray          # N×4 float32 crop boxes (x0, y0, x1, y1) in source pixels
+    flips: np.ndarray          # N bool
+    size: int                  # output side
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=keyed_generator(seed, epoch, "order"))
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def random_resized_boxes(heights: torch.Tensor, widths: torch.Tensor, gen: torch.Generator,
+                         scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
+    """Vectorised RandomResizedCrop: up to 10 tries per sample, the first that fits wins, else
+    the centre crop with the ratio clamped (torchvision's algorithm, one batch at a time)."""
+    n = len(heights)
+    h_img = heights.double()[:, None]
+    w_img = widths.double()[:, None]
+    u = torch.rand(n, _ATTEMPTS, 4, generator=gen, dtype=torch.float64)
+    area = h_img * w_img * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    ok = (w > 0) & (h > 0) & (w <= w_img) & (h <= h_img)
+    first = torch.argmax(ok.int(), dim=1, keepdim=True)  # first fitting try (0 if none)
+    pick = lambda t: t.gather(1, first)[:, 0]  # noqa: E731
+    w, h, uy, ux = pick(w), pick(h), pick(u[..., 2]), pick(u[..., 3])
+    y0 = torch.floor(uy * (heights - h + 1))
+    x0 = torch.floor(ux * (widths - w + 1))
+    # fallback: whole image, with the aspect ratio clamped into range, centred
+    img_ratio = widths.double() / heights.double()
+    fw = torch.where(img_ratio < ratio[0], widths.double(),
+                     torch.where(img_ratio > ratio[1], torch.round(heights * ratio[1]),
+                                 widths.double()))
+    fh = torch.where(img_ratio < ratio[0], torch.round(widths / ratio[0]),
+                     heights.double())
+    fallback = ~ok.any(dim=1)
+    w = torch.where(fallback, fw, w)
+    h = torch.where(fallback, fh, h)
+    y0 = torch.where(fallback, torch.floor((heights - h) / 2), y0)
+    x0 = torch.where(fallback, torch.floor((widths - w) / 2), x0)
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1).float()
+
+
+def center_boxes(heights: torch.Tensor, widths: torch.Tensor, crop_ratio: float) -> torch.Tensor:
+    """Validation: the square that "resize the shorter side to size/crop_ratio, then centre-crop
+    size" would keep, in source pixels."""
+    side = torch.minimum(heights, widths).double() * crop_ratio
+    y0 = (heights - side) / 2
+    x0 = (widths - side) / 2
+    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1).float()
+
+
+@dataclass
+class EpochPlan:
+    """Which records each batch of an epoch holds, for one rank, and their crops."""
+    n: int
+    batch_size: int               # global
+    seed: int
+    train: bool
+    drop_last: bool
+    shuffle: bool
+    rank: int = 0
+    world_size: int = 1
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_ratio: float = 0.875
+
+    def __post_init__(self):
+        if self.batch_size % self.world_size:
+            raise ValueError(f"the global batch ({self.batch_size}) must divide evenly by the "
+                             f"world size ({self.world_size})")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+
+    def __len__(self) -> int:
+        return num_batches(self.n, self.batch_size, self.drop_last)
+
+    def tasks(self, epoch: int, heights: np.ndarray, widths: np.ndarray, size: int,
+              start: int = 0):
+        """Yield this rank's BatchTask for global batches ``start..len-1`` of ``epoch``."""
+        order = epoch_order(self.n, self.seed, epoch, self.shuffle)
+        for b in range(start, len(self)):
+            glob = order[b * self.batch_size:(b + 1) * self.batch_size]
+            h = torch.from_numpy(heights[glob.numpy()].astype(np.int64))
+            w = torch.from_numpy(widths[glob.numpy()].astype(np.int64))
+            if self.train:
+                gen = keyed_generator(self.seed, epoch, b)
+                boxes = random_resized_boxes(h, w, gen, self.scale, self.ratio)
+                flips = torch.rand(len(glob), generator=gen) < 0.5
+            else:
+                boxes = center_boxes(h, w, self.crop_ratio)
+                flips = torch.zeros(len(glob), dtype=torch.bool)
+            mine = torch.tensor_split(torch.arange(len(glob)), self.world_size)[self.rank]
+            if len(mine) == 0:
+                continue  # a short last batch with fewer samples than ranks
+            yield BatchTask(epoch, b, glob[mine].numpy(), boxes[mine].numpy(),
+                            flips[mine].numpy(), size)

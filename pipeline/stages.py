@@ -1,0 +1,72 @@
+"""The stages after a decode engine: augment → normalize → mix.
+
+    engine   uint8 N×3×H×W (channels-last) + int64 labels, on the device
+    augment  float N×3×H×W in [0, 1], each op ``op(images, gen) -> images``
+    normalize (x − mean) / std, in the training dtype
+    mix      ``mix(images, labels, num_classes, gen) -> (images, targets)``; targets become
+             N×K distributions. Without a mix op, targets stay integer labels (the fast path).
+
+Ops get an explicit device generator keyed by (seed, epoch, batch, rank), so the same batch
+gets the same draw, and return what they drew where the target side needs it.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class AugmentOp(Protocol):
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor: ...
+
+
+class MixOp(Protocol):
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Stages:
+    """uint8 engine output → (model input, targets)."""
+
+    def __init__(self, dtype: torch.dtype, num_classes: int, augment: Sequence[AugmentOp] = (),
+                 mix: MixOp | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, channels_last: bool = True):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"unsupported image dtype {dtype}")
+        self.dtype = dtype
+        self.num_classes = num_classes
+        self.augment = list(augment)
+        self.mix = mix
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.channels_last = channels_last
+        self._consts: dict = {}
+
+    def _scale_shift(self, device: torch.device):
+        # x_u8 · scale + shift == (x_u8 / 255 − mean) / std, precomputed per device
+        if device not in self._consts:
+            scale = (1 / (255 * self.std)).to(device, self.dtype)
+            shift = (-self.mean / self.std).to(device, self.dtype)
+            self._consts[device] = (scale, shift)
+        return self._consts[device]
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.augment:
+            x = images.to(self.dtype).mul_(1 / 255)
+            for op in self.augment:
+                x = op(x, gen)
+            mean = self.mean.to(x.device, x.dtype)
+            std = self.std.to(x.device, x.dtype)
+            x = x.sub_(mean).div_(std)
+        else:
+            scale, shift = self._scale_shift(images.device)
+            x = torch.addcmul(shift, images.to(self.dtype), scale)
+        targets = labels
+        if self.mix is not None:
+            x, targets = self.mix(x, labels, self.num_classes, gen)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=memory_format), targets

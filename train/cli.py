@@ -1,0 +1,162 @@
+"""The ``tricks`` command: train, eval, convert."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The parser, unparsed, so other launchers can extend it."""
+    p = argparse.ArgumentParser(prog="tricks", description="Bag-of-tricks image classifier "
+                                "training with a fast data pipeline.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (no options: the embedded demo)")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. train.epochs=3 data.path=/data/imagenet")
+    t.add_argument("-c", "--config", action="append", default=None, metavar="YAML",
+                   help="config preset(s), applied in order (a name from configs/ or a path); "
+                        "default: demo")
+    t.add_argument("--resume", metavar="CHECKPOINT_OR_RUN_DIR",
+                   help="continue a run at the exact iteration it stopped")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's validation split")
+    e.add_argument("checkpoint")
+    e.add_argument("data", help="converted folder or ImageFolder tree")
+    e.add_argument("--split", default=None, help="split to evaluate (default: val/validation/test)")
+    e.add_argument("--batch", type=int, default=None)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--workers", type=int, default=None)
+
+    c = sub.add_parser("convert", help="ImageFolder tree → packed record files")
+    c.add_argument("src", help="class folders, or train/ val/ (test/) each with class folders")
+    c.add_argument("dst")
+    c.add_argument("--max-side", type=int, default=None,
+                   help="re-encode images whose longer side exceeds this")
+    c.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    c.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    c.add_argument("--strict", action="store_true", help="fail on the first unusable file")
+    c.add_argument("--val-labels", default=None, metavar="FILE",
+                   help="labels for a flat validation folder ('file class' lines or ImageNet's "
+                        "LOC_val_solution.csv)")
+    return p
+
+
+def config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .config import load_config
+    from .trainer import Trainer
+
+    if args.resume:
+        if args.config:
+            raise UserError("--resume takes the run's saved config; give overrides, not --config")
+        cfg = load_config([], args.overrides, base=load_checkpoint(args.resume)["config"])
+    else:
+        cfg = load_config([config_path(c) for c in (args.config or ["demo"])], args.overrides)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        print(f"run dir: {trainer.run_dir}  (device {trainer.device}, {cfg.model.name}, "
+              f"{trainer.num_classes} classes, {trainer.steps_per_epoch} iterations/epoch)")
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    print(f"run dir:    {trainer.run_dir}")
+    print(f"checkpoint: {trainer.checkpoint_path}")
+    print(f"metrics:    {trainer.metrics_path}")
+    if result.get("val_top1") is not None:
+        print(f"final val top-1 {100 * result['val_top1']:.2f}%, "
+              f"top-5 {100 * result['val_top5']:.2f}%")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from contextlib import nullcontext
+
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .config import load_config
+    from .data import pick_val_split, resolve_dataset
+    from .loss import SoftTargetCrossEntropy
+    from .trainer import DTYPES, build_model, check_precision, evaluate, select_device
+    from pipeline import Loader
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = load_config(base=state["config"])
+    device = select_device(args.device)
+    precision = cfg.train.precision
+    if precision == "fp16" and device.type != "cuda":
+        precision = "fp32"  # a model trained in fp16 evaluates fine in fp32 on the CPU
+    check_precision(precision, device)
+    dtype = DTYPES[precision]
+    root = resolve_dataset(args.data, cfg.data.max_side, cfg.data.quality)
+    split = pick_val_split(root, args.split)
+    if split is None:
+        raise UserError(f"{root} has no validation split; name one with --split")
+    d = cfg.data
+    loader = Loader(root, split, args.batch or cfg.train.batch, train=False,
+                    image_size=d.val_image_size or d.image_size, crop_ratio=d.crop_ratio,
+                    device=device, dtype=dtype, channels_last=cfg.train.channels_last,
+                    engine=d.engine, decode=d.decode, workers=args.workers)
+    if loader.classes != state.get("classes", loader.classes):
+        raise UserError(f"{root}: its class list differs from the checkpoint's")
+    cfg.model.weights = None
+    model = build_model(cfg, loader.num_classes)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
+    result = evaluate(model, loader, SoftTargetCrossEntropy(loader.num_classes), autocast,
+                      progress=True)
+    loader.close()
+    print(json.dumps({"checkpoint": state["path"], "data": str(root), "split": split, **result}))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from pipeline.convert import convert, format_report
+    report = convert(args.src, args.dst, max_side=args.max_side, quality=args.quality,
+                     workers=args.workers, strict=args.strict, val_labels=args.val_labels)
+    print(format_report(report))
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    # errors re-raised from a DataLoader worker carry the worker's traceback: keep its last line
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    line = lines[-1] if lines else type(e).__name__
+    if ": " in line and line.split(": ", 1)[0].endswith("Error"):
+        line = line.split(": ", 1)[1]
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert}[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Typed configuration: dataclass defaults ← YAML presets (in order) ← ``key=value`` overrides.
+
+An unknown key or a value of the wrong type is an error naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None          # converted folder or ImageFolder tree; None: embedded demo
+    train_split: str = "train"
+    val_split: str | None = None     # None: the first of val, validation, test that exists
+    engine: str = "native"
+    decode: str = "auto"             # auto | workers (CPU processes) | device (nvJPEG on CUDA)
+    workers: int | None = None       # decode processes; None: one per core, at most 16
+    prefetch: int = 2                # batches prepared ahead
+    image_size: int = 224
+    val_image_size: int | None = None
+    crop_ratio: float = 0.875        # validation: resize to size/crop_ratio, centre-crop size
+    scale: list = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    max_side: int | None = None      # when a folder tree is converted on the fly
+    quality: int = 90
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50d"
+    width: int = 64
+    cifar_stem: bool = False
+    zero_init_last: bool = False
+    init: str = "xavier"             # xavier (the paper) | torchvision
+    weights: str | None = None       # a torchvision state dict or one of our checkpoints
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1                  # for a batch of 256; scaled by lr_scaling
+    lr_scaling: str = "linear"       # linear: lr × batch / 256 | none
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    no_bias_decay: bool = False      # exclude every 1-D parameter (biases, BN γ and β)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"             # cosine | step
+    warmup_epochs: float = 0.0
+    step_epochs: list = field(default_factory=lambda: [30, 60, 90])
+    step_gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 120
+    batch: int = 256                 # the global batch
+    precision: str = "fp32"          # fp32 | fp16 (autocast + scaler, CUDA) | bf16
+    channels_last: bool = True
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    checkpoint_every: int = 0        # iterations between mid-epoch checkpoints; 0: epoch ends only
+    log_every: int = 20              # iterations between reading metrics back from the device
+    eval_every: int = 1              # epochs
+    out: str = "runs"
+    name: str | None = None          # run folder name; None: a timestamp
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _keys(cfg: Config) -> list[str]:
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def _check_type(key: str, default: Any, value: Any) -> Any:
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+    elif isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(default, float):
+            value = float(value)
+        elif isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"{key} must be an integer, got {value!r}")
+            value = int(value)
+    elif isinstance(default, list) and not isinstance(value, list):
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or key not in _keys(cfg):
+        close = difflib.get_close_matches(key, _keys(cfg), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    section = getattr(cfg, parts[0])
+    default = getattr(section, parts[1])
+    setattr(section, parts[1], _check_type(key, default, value))
+
+
+def apply_dict(cfg: Config, data: dict, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        for k, v in values.items():
+            try:
+                set_key(cfg, f"{section}.{k}", v)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = (),
+                base: dict | None = None) -> Config:
+    """Defaults (or ``base``, a saved config), then each YAML file in order, then
+    ``section.key=value`` overrides."""
+    cfg = Config()
+    if base is not None:
+        apply_dict(cfg, base, "saved config")
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        apply_dict(cfg, data, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        set_key(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "data.decode": ("auto", "workers", "device"),
+    "model.init": ("xavier", "torchvision"),
+    "optim.name": ("sgd",),
+    "optim.lr_scaling": ("linear", "none"),
+    "schedule.name": ("cosine", "step"),
+    "train.precision": ("fp32", "fp16", "bf16"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}")
+    t = cfg.train
+    for key, value in (("train.epochs", t.epochs), ("train.batch", t.batch),
+                       ("data.image_size", cfg.data.image_size)):
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if cfg.schedule.warmup_epochs < 0:
+        raise ConfigError("schedule.warmup_epochs must be ≥ 0")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+

@@ -1,0 +1,79 @@
+"""Turning ``data.path`` into a converted dataset folder, and building the loaders."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline import Loader
+from pipeline.convert import convert, format_report
+from pipeline.errors import DataError
+from pipeline.records import CLASSES_FILE, list_splits
+from pipeline.synthetic import make_dataset
+
+from .config import Config
+
+VAL_SPLITS = ("val", "validation", "test")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("TRICKS_CACHE") or \
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tricks"
+    return Path(base)
+
+
+def embedded_dataset(log=print) -> Path:
+    """The default dataset (synthetic shapes), made and converted once into the cache."""
+    root = cache_dir() / "shapes-v1"
+    records = root / "records"
+    if not (records / CLASSES_FILE).is_file():
+        log(f"making the embedded dataset (once) in {root}")
+        make_dataset(root / "images")
+        convert(root / "images", records, workers=0, progress=False)
+    return records
+
+
+def resolve_dataset(path: str | None, max_side: int | None = None, quality: int = 90,
+                    log=print) -> Path:
+    """A converted folder as is; an ImageFolder tree converted once into the cache."""
+    if path is None:
+        return embedded_dataset(log)
+    src = Path(path).expanduser()
+    if not src.exists():
+        raise DataError(f"no such dataset: {src}")
+    if (src / CLASSES_FILE).is_file():
+        return src
+    key = hashlib.sha1(f"{src.resolve()}|{max_side}|{quality}".encode()).hexdigest()[:12]
+    dst = cache_dir() / "converted" / f"{src.name}-{key}"
+    if not (dst / CLASSES_FILE).is_file():
+        log(f"converting {src} into {dst} (once; `tricks convert` does this ahead of time)")
+        log(format_report(convert(src, dst, max_side=max_side, quality=quality)))
+    return dst
+
+
+def pick_val_split(root: Path, wanted: str | None) -> str | None:
+    splits = list_splits(root)
+    if wanted is not None:
+        if wanted not in splits:
+            raise DataError(f"{root} has no split {wanted!r} (has: {', '.join(splits)})")
+        return wanted
+    return next((s for s in VAL_SPLITS if s in splits), None)
+
+
+def make_loaders(cfg: Config, root: Path, device: torch.device, dtype: torch.dtype,
+                 rank: int = 0, world_size: int = 1) -> tuple[Loader, Loader | None]:
+    d = cfg.data
+    common = dict(device=device, dtype=dtype, channels_last=cfg.train.channels_last,
+                  engine=d.engine, decode=d.decode, workers=d.workers, prefetch=d.prefetch,
+                  seed=cfg.train.seed, rank=rank, world_size=world_size)
+    train = Loader(root, d.train_split, cfg.train.batch, train=True, image_size=d.image_size,
+                   scale=tuple(d.scale), ratio=tuple(d.ratio), **common)
+    val_split = pick_val_split(root, d.val_split)
+    val = None
+    if val_split is not None:
+        val = Loader(root, val_split, cfg.train.batch, train=False,
+                     image_size=d.val_image_size or d.image_size, crop_ratio=d.crop_ratio,
+                     **common)
+    return train, val

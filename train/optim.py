@@ -1,0 +1,27 @@
+"""Optimizer construction with weight-decay groups chosen by parameter structure."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> list[dict]:
+    """With ``no_bias_decay``, every parameter of ndim ≤ 1 (biases, BN γ and β wherever they
+    sit, the downsample branch's included) gets no weight decay. Chosen by shape, not by name."""
+    if not no_bias_decay:
+        return [{"params": [p for p in model.parameters() if p.requires_grad],
+                 "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, nesterov: bool,
+                    weight_decay: float, no_bias_decay: bool) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay, no_bias_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    raise ValueError(f"unknown optimizer {name!r}")

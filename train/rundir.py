@@ -1,0 +1,49 @@
+"""The run directory and what it records about the environment."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def environment(device: torch.device, seed: int | None = None, data: str | None = None) -> dict:
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "pillow": PIL.__version__, "cuda": torch.version.cuda,
+            "device": device_name(device), "host": platform.node(), "commit": git_commit(),
+            "seed": seed, "data": data}
+
+
+def make_run_dir(out: str, name: str | None) -> Path:
+    base = Path(out)
+    name = name or time.strftime("%Y%m%d-%H%M%S")
+    path = base / name
+    k = 1
+    while path.exists():
+        k += 1
+        path = base / f"{name}-{k}"
+    path.mkdir(parents=True)
+    return path
