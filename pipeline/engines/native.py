@@ -31,8 +31,8 @@ from .base import register_engine
 
 
 def pil_crop(jpeg: bytes | np.ndarray, box: np.ndarray, flip: bool, size: int) -> np.ndarray:
-    """Decode one JPEG, crop ``box`` (x0, y0, x1, y1 in source pixels), resize to size×size
-    (antialiased bilinear), flip; HWC uint8."""
+    """Decode one JPEG, crop ``box`` (x0, y0, x1, y1 in source pixels), resize to size×size,
+    flip; HWC uint8."""
     img = Image.open(io.BytesIO(jpeg))
     w0, h0 = img.size
     shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
@@ -41,8 +41,11 @@ def pil_crop(jpeg: bytes | np.ndarray, box: np.ndarray, flip: bool, size: int) -
     sx, sy = img.size[0] / w0, img.size[1] / h0
     if img.mode != "RGB":
         img = img.convert("RGB")
-    out = img.resize((size, size), Image.Resampling.BILINEAR,
-                     box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+    # area averaging when shrinking (as roi_align's adaptive sampling, and OpenCV's INTER_AREA),
+    # bilinear when enlarging
+    bx = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    filt = Image.Resampling.BOX if bx[2] - bx[0] >= size else Image.Resampling.BILINEAR
+    out = img.resize((size, size), filt, box=bx)
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out)

@@ -1,0 +1,168 @@
+"""Loader throughput: the native engine against torchvision ImageFolder + DataLoader.
+
+Both read the same JPEGs (the records hold the tree's bytes unchanged), make the same training
+batches (random-resized crop + flip, uint8 → normalized, channels-last, on the device) with the
+same worker count, and are timed per epoch after one warm-up epoch; the median is reported.
+
+    python -m benchmarks.loader                        # 512 generated ~450 px JPEGs
+    python -m benchmarks.loader --data /data/imagenet/train --images 10000
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import Loader
+from pipeline.convert import convert
+from pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
+from train.data import cache_dir
+
+from .results import Timer, entry, write_results
+
+
+def make_jpegs(root: Path, count: int, seed: int = 0, classes: int = 8) -> Path:
+    """``count`` smooth, photo-like JPEGs of 400–500 × 300–400 px (≈ ImageNet's typical size)."""
+    done = root / ".complete"
+    if done.is_file():
+        return root
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        w, h = int(rng.integers(400, 501)), int(rng.integers(300, 401))
+        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
+        noise = rng.normal(0, 12, (h, w, 3))
+        arr = np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8)
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(folder / f"{i:06d}.jpg", quality=90)
+    done.touch()
+    return root
+
+
+def _subset_tree(src: Path, dst: Path, count: int) -> Path:
+    """The first ``count`` images of an ImageFolder tree, as symlinks (round-robin by class)."""
+    if (dst / ".complete").is_file():
+        return dst
+    classes = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = {c: sorted(p for p in c.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+             for c in classes}
+    picked, k = 0, 0
+    while picked < count and any(k < len(f) for f in files.values()):
+        for c, f in files.items():
+            if k < len(f) and picked < count:
+                (dst / c.name).mkdir(parents=True, exist_ok=True)
+                link = dst / c.name / f[k].name
+                if not link.exists():
+                    link.symlink_to(f[k].resolve())
+                picked += 1
+        k += 1
+    (dst / ".complete").touch()
+    return dst
+
+
+def bench_native(records: Path, args, device, dtype) -> list[float]:
+    loader = Loader(records, "train", args.batch, image_size=args.size, device=device,
+                    dtype=dtype, workers=args.workers, decode=args.decode, seed=0)
+    windows = []
+    for epoch in range(args.runs + 1):
+        loader.set_epoch(epoch)
+        n = 0
+        with Timer(device) as t:
+            for images, _ in loader:
+                n += len(images)
+        if epoch:  # the first epoch warms up workers and caches
+            windows.append(n / t.seconds)
+    loader.close()
+    return windows
+
+
+def bench_torchvision(tree: Path, args, device, dtype) -> list[float]:
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.RandomResizedCrop(args.size, antialias=True), v2.RandomHorizontalFlip(),
+                     v2.PILToTensor()])
+    ds = datasets.ImageFolder(str(tree), transform=tf)
+    dl = torch.utils.data.DataLoader(ds, args.batch, shuffle=True, drop_last=True,
+                                     num_workers=args.workers, pin_memory=device.type == "cuda",
+                                     persistent_workers=args.workers > 0)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    windows = []
+    for epoch in range(args.runs + 1):
+        n = 0
+        with Timer(device) as t:
+            for images, labels in dl:
+                x = images.to(device, non_blocking=True).to(dtype)
+                x = ((x - mean.to(dtype)) / std.to(dtype)).contiguous(
+                    memory_format=torch.channels_last)
+                labels.to(device, non_blocking=True)
+                n += len(x)
+        if epoch:
+            windows.append(n / t.seconds)
+    return windows
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="an ImageFolder tree (default: generated JPEGs)")
+    p.add_argument("--images", type=int, default=512, help="how many images to read")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5, help="timed epochs (after one warm-up)")
+    p.add_argument("--decode", default="auto", help="native engine decode mode")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
+    p.add_argument("--engines", default="native,torchvision")
+    p.add_argument("--out", help="results folder (default: benchmarks/results/<device>/)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
+             "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    work = cache_dir() / "bench"
+    if args.data:
+        tree = _subset_tree(Path(args.data), work / f"subset-{Path(args.data).name}-{args.images}",
+                            args.images)
+    else:
+        tree = make_jpegs(work / f"jpegs-{args.images}", args.images)
+    records = work / f"records-{tree.name}"
+    if not (records / "classes.json").is_file():
+        convert(tree, records, workers=args.workers, progress=False)
+    entries = []
+    settings = {"images": args.images, "size": args.size, "batch": args.batch,
+                "workers": args.workers, "dtype": str(dtype).replace("torch.", ""),
+                "data": args.data or "generated ~450 px JPEGs, quality 90",
+                "warmup_epochs": 1, "timed_epochs": args.runs}
+    for name in args.engines.split(","):
+        if name == "native":
+            windows = bench_native(records, args, device, dtype)
+            extra = {"decode": args.decode if args.decode != "auto" else
+                     ("device" if device.type == "cuda" else "workers")}
+        elif name == "torchvision":
+            windows = bench_torchvision(tree, args, device, dtype)
+            extra = {"pipeline": "ImageFolder + DataLoader, v2 RandomResizedCrop + flip (PIL)"}
+        else:
+            print(f"error: unknown engine {name!r}; choose native, torchvision", file=sys.stderr)
+            return 1
+        entries.append(entry(name, extra, windows))
+        print(f"{name:12s} median {entries[-1]['median']:8.0f} images/s  "
+              f"(windows: {', '.join(f'{w:.0f}' for w in windows)})")
+    path = write_results("loader", device, settings, entries, args.out)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

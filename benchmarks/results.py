@@ -1,0 +1,60 @@
+"""The one results format every benchmark writes: JSON with device, versions, commit, every
+setting, the raw timing windows and their median."""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from train.rundir import device_name, environment
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_slug(device: torch.device) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+
+
+def entry(name: str, settings: dict, windows: list[float], unit: str = "images/s") -> dict:
+    """One measured configuration: raw windows kept, median reported."""
+    return {"name": name, "settings": settings, "unit": unit, "windows": windows,
+            "median": statistics.median(windows) if windows else None}
+
+
+def write_results(benchmark: str, device: torch.device, settings: dict, entries: list[dict],
+                  out_dir: str | Path | None = None) -> Path:
+    env = environment(device)
+    doc = {"benchmark": benchmark, "time": env["time"], "commit": env["commit"],
+           "device": env["device"], "host": env["host"],
+           "versions": {k: env[k] for k in ("python", "torch", "torchvision", "numpy",
+                                            "pillow", "cuda")},
+           "settings": settings, "results": entries}
+    out = Path(out_dir) if out_dir else RESULTS_DIR / device_slug(device)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{benchmark}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+class Timer:
+    """Wall-clock window that first waits for queued CUDA work (so GPU time is counted)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self):
+        self._sync()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.seconds = time.perf_counter() - self.t0
