@@ -1,0 +1,17 @@
+import json
+
+from benchmarks.loader import main
+
+
+def test_loader_benchmark_writes_valid_results(tmp_path, capsys):
+    assert main(["--images", "48", "--batch", "16", "--size", "64", "--workers", "0",
+                 "--runs", "2", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "loader.json").read_text())
+    assert doc["benchmark"] == "loader" and doc["device"] and doc["versions"]["torch"]
+    assert doc["settings"]["batch"] == 16 and doc["settings"]["timed_epochs"] == 2
+    names = [r["name"] for r in doc["results"]]
+    assert names == ["native", "torchvision"]
+    for r in doc["results"]:
+        assert len(r["windows"]) == 2 and all(w > 0 for w in r["windows"])
+        assert min(r["windows"]) <= r["median"] <= max(r["windows"])
+        assert r["unit"] == "images/s"

@@ -1,0 +1,52 @@
+"""Real photos: CIFAR-10 JPEGs from ../shared/data (skipped when absent)."""
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+from pipeline.convert import convert
+from train.cli import main
+
+TARBALL = SHARED_DATA / "cifar10-jpg.tar.gz"
+PER_CLASS = {"train": 500, "test": 100}
+
+
+@pytest.fixture(scope="module")
+def cifar_subset(tmp_path_factory) -> Path:
+    """5,000 training and 1,000 test images (the first of each class in file-name order)."""
+    if not TARBALL.is_file():
+        pytest.skip(f"{TARBALL} not present")
+    tree = tmp_path_factory.mktemp("cifar") / "tree"
+    with tarfile.open(TARBALL) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
+        chosen, counts = set(), {}
+        for m in sorted(members, key=lambda m: m.name):
+            _, split, cls, _ = m.name.split("/")
+            if counts.get((split, cls), 0) < PER_CLASS[split]:
+                counts[(split, cls)] = counts.get((split, cls), 0) + 1
+                chosen.add(m.name)
+        # one pass in archive order: random access into a .gz re-reads it from the start
+        tar.extractall(tree, members=[m for m in members if m.name in chosen], filter="data")
+    out = tmp_path_factory.mktemp("cifar-rec")
+    convert(tree / "cifar10", out, workers=2, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_resnet18d_cifar_stem_learns_real_photos(cifar_subset, tmp_path, capsys):
+    start = time.perf_counter()
+    code = main(["train", "--no-progress", f"data.path={cifar_subset}", "data.image_size=32",
+                 "data.crop_ratio=1.0", "data.scale=[0.35, 1]", "data.workers=2",
+                 "model.name=resnet18d", "model.cifar_stem=true", "model.width=16",
+                 "model.zero_init_last=true", "train.epochs=4", "train.batch=128",
+                 "optim.lr=0.4", "optim.no_bias_decay=true", "schedule.warmup_epochs=1",
+                 "train.label_smoothing=0.1", f"train.out={tmp_path}", "train.name=cifar"])
+    elapsed = time.perf_counter() - start
+    assert code == 0
+    last = json.loads((tmp_path / "cifar" / "metrics.jsonl").read_text().splitlines()[-1])
+    print(f"CIFAR-10 subset: top-1 {last['val_top1']:.3f} in {elapsed:.0f} s")
+    assert last["val_images"] == 1000
+    assert last["val_top1"] >= 0.30, last

@@ -1,0 +1,55 @@
+"""Bad input: one line naming the problem, a non-zero exit, no traceback."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["convert", "{tmp}/missing", "{tmp}/out"], "no such folder"),
+    (["convert", "{tmp}/empty", "{tmp}/out"], "is empty"),
+    (["convert", "{tmp}/flat", "{tmp}/out"], "no class sub-folders"),
+    (["train", "train.epoch=1"], "unknown config key 'train.epoch'"),
+    (["train", "data.path={tmp}/missing"], "no such dataset"),
+    (["train", "-c", "{tmp}/nope.yaml"], "config file not found"),
+    (["eval", "{tmp}/none.pt", "{tmp}"], "checkpoint not found"),
+])
+def test_errors_are_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+    code, err = _run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 1
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_fp16_on_the_cpu_is_a_one_line_error(capsys, shapes_records):
+    code, err = _run(capsys, "train", f"data.path={shapes_records}", "train.precision=fp16",
+                     "train.device=cpu")
+    assert code == 1 and err == ("error: train.precision=fp16 needs a CUDA device; "
+                                 "use fp32 (or bf16) on the CPU")
+
+
+def test_console_script_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "train.cli", "--help"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "convert" in out.stdout and "train" in out.stdout
+
+
+def test_convert_command_prints_the_report(tmp_path, capsys, shapes_tree):
+    assert main(["convert", str(shapes_tree), str(tmp_path / "out"), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 400 written, 0 skipped" in out and "report:" in out

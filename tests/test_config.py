@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from train.cli import CONFIG_DIR
+from train.config import ConfigError, load_config
+
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_preset_loads(path):
+    load_config([path])
+
+
+def test_presets_say_what_the_paper_says():
+    base = load_config([CONFIG_DIR / "baseline.yaml"])
+    assert (base.train.batch, base.train.precision, base.train.epochs) == (256, "fp32", 120)
+    assert (base.optim.lr, base.optim.nesterov, base.optim.weight_decay) == (0.1, True, 1e-4)
+    assert base.schedule.name == "step" and base.schedule.step_epochs == [30, 60, 90]
+    assert base.model.init == "xavier"
+    eff = load_config([CONFIG_DIR / "baseline.yaml", CONFIG_DIR / "efficient.yaml"])
+    assert (eff.train.batch, eff.train.precision, eff.train.channels_last) == (1024, "fp16", True)
+    assert eff.schedule.warmup_epochs == 5 and eff.model.zero_init_last
+    assert eff.optim.no_bias_decay and eff.optim.lr_scaling == "linear"
+
+
+def test_overrides_apply_after_files_with_yaml_values():
+    cfg = load_config([CONFIG_DIR / "baseline.yaml"],
+                      ["train.epochs=3", "optim.lr=0.2", "data.scale=[0.2, 1]",
+                       "train.channels_last=true", "data.path=/x"])
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.data.scale) == (3, 0.2, [0.2, 1])
+    assert cfg.train.channels_last is True and cfg.data.path == "/x"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epoch=3", "unknown config key 'train.epoch' (did you mean train.epochs?)"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.epochs=three", "train.epochs must be a number"),
+    ("train.epochs=2.5", "must be an integer"),
+    ("train.channels_last=1", "must be true or false"),
+    ("train.precision=fp8", "choose one of fp32, fp16, bf16"),
+    ("train.batch=0", "train.batch must be at least 1"),
+    ("epochs", "not of the form"),
+])
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [override])
+    assert message in str(e.value)
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'train\.lr'"):
+        load_config([bad])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config([tmp_path / "missing.yaml"])

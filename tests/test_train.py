@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+
+import train.trainer as trainer_mod
+from train.checkpoint import load_checkpoint
+from train.cli import main
+from train.config import load_config
+from train.trainer import Trainer
+
+SMALL = ["model.name=resnet18d", "model.width=8", "data.image_size=32", "data.workers=0",
+         "train.batch=32", "train.log_every=1", "data.scale=[0.35, 1]", "optim.lr=0.2"]
+
+
+def test_demo_job_shortened_trains_evaluates_and_reports(tmp_path, capsys):
+    """The README's main job (embedded dataset, demo preset), for 3 epochs instead of 8."""
+    assert main(["train", "--no-progress", "train.epochs=3", f"train.out={tmp_path}",
+                 "train.name=demo"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "demo"
+    assert f"checkpoint: {run / 'checkpoint.pt'}" in out
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (run / name).is_file()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["val_top1"] >= 0.6, records[-1]
+    assert 0 <= records[-1]["data_wait"] <= 1 and records[-1]["images_per_s"] > 0
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["seed"] == 0
+    # `tricks eval` on the checkpoint reproduces the last validation
+    data = load_checkpoint(run)["config"]
+    assert main(["eval", str(run / "checkpoint.pt"),
+                 str(tmp_path.parent / "cache" / "shapes-v1" / "records"), "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["val_top1"] == pytest.approx(records[-1]["val_top1"])
+    assert data["model"]["name"] == "resnet18d"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run(cfg, monkeypatch, stop_at=None, resume=None):
+    """Train, recording every step's loss; raise _Stop after iteration ``stop_at``."""
+    losses = {}
+    real_step = trainer_mod.train_step
+
+    def recording_step(*args):
+        loss, logits = real_step(*args)
+        step = len(losses) + recording_step.offset + 1
+        losses[step] = loss.item()
+        if step == stop_at:
+            raise _Stop
+        return loss, logits
+
+    monkeypatch.setattr(trainer_mod, "train_step", recording_step)
+    t = Trainer(cfg, resume=resume, progress=False, log=lambda *a: None)
+    recording_step.offset = t.step
+    try:
+        t.fit()
+    except _Stop:
+        pass
+    finally:
+        t.close()
+    return t, losses
+
+
+def test_resume_mid_epoch_is_bitwise_identical(shapes_records, tmp_path, monkeypatch):
+    overrides = SMALL + [f"data.path={shapes_records}", "train.epochs=3",
+                         "schedule.warmup_epochs=1", "train.checkpoint_every=5",
+                         "train.label_smoothing=0.1", "optim.no_bias_decay=true",
+                         "model.zero_init_last=true"]
+    full, full_losses = _run(load_config([], overrides + [f"train.out={tmp_path}/a"]),
+                             monkeypatch)
+    assert full.steps_per_epoch == 12 and len(full_losses) == 36
+    cut, cut_losses = _run(load_config([], overrides + [f"train.out={tmp_path}/b"]),
+                           monkeypatch, stop_at=18)
+    state = load_checkpoint(cut.checkpoint_path)
+    assert (state["step"], state["epoch"], state["position"]) == (15, 1, 3)  # mid-epoch 2
+    cfg = load_config([], base=state["config"])
+    resumed, resumed_losses = _run(cfg, monkeypatch, resume=str(cut.checkpoint_path))
+    assert min(resumed_losses) == 16 and max(resumed_losses) == 36
+    for step, loss in resumed_losses.items():
+        assert loss == full_losses[step], step  # bitwise, not approximately
+    for (name, a), b in zip(full.model.state_dict().items(),
+                            resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_is_written_atomically(shapes_records, tmp_path, monkeypatch):
+    cfg = load_config([], SMALL + [f"data.path={shapes_records}", "train.epochs=1",
+                                   f"train.out={tmp_path}", "train.name=r"])
+    t, _ = _run(cfg, monkeypatch)
+    leftovers = [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    state = load_checkpoint(tmp_path / "r")
+    assert state["format_version"] == 1 and state["step"] == 12
+    assert set(state) >= {"model", "optimizer", "scaler", "rng", "config", "epoch", "position"}
+
+
+def test_folder_tree_is_converted_on_the_fly(shapes_tree, tmp_path, monkeypatch):
+    cfg = load_config([], SMALL + [f"data.path={shapes_tree}", "train.epochs=1",
+                                   f"train.out={tmp_path}"])
+    t, losses = _run(cfg, monkeypatch)
+    assert len(losses) == 12 and "converted" in str(t.data_root)
