@@ -1,6 +1,7 @@
 """The run directory and what it records about the environment."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -22,10 +23,20 @@ def git_commit() -> str | None:
         return None
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()})"
+    return f"CPU {_cpu_model()} ({os.cpu_count()} cores)"
 
 
 def environment(device: torch.device, seed: int | None = None, data: str | None = None) -> dict:
