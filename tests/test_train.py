@@ -104,3 +104,21 @@ def test_folder_tree_is_converted_on_the_fly(shapes_tree, tmp_path, monkeypatch)
                                    f"train.out={tmp_path}"])
     t, losses = _run(cfg, monkeypatch)
     assert len(losses) == 12 and "converted" in str(t.data_root)
+
+
+def test_model_weights_option_loads_a_torchvision_state_dict(tmp_path):
+    import torchvision
+
+    from train.config import ConfigError
+    from train.trainer import build_model
+
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")
+    cfg = load_config([], ["model.name=resnet18", f"model.weights={tmp_path}/r18.pth"])
+    ours = build_model(cfg, 10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), tv(x))
+    cfg = load_config([], ["model.name=resnet18d", f"model.weights={tmp_path}/r18.pth"])
+    with pytest.raises(ConfigError, match="do not match"):
+        build_model(cfg, 10)

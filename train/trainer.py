@@ -47,6 +47,8 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     if m.weights:
+        if not Path(m.weights).is_file():
+            raise ConfigError(f"model.weights: file not found: {m.weights}")
         state = torch.load(m.weights, map_location="cpu", weights_only=False)
         if isinstance(state, dict) and "format_version" in state:
             model.load_state_dict(state["model"])

@@ -97,20 +97,21 @@ def crop_resize_flip(images: list[torch.Tensor], boxes: torch.Tensor, flips: tor
     """
     device = images[0].device
     n = len(images)
-    hs = torch.tensor([im.shape[1] for im in images], device=device)
-    ws = torch.tensor([im.shape[2] for im in images], device=device)
-    hmax, wmax = int(hs.max()), int(ws.max())
+    hmax = max(im.shape[1] for im in images)  # host-side shapes: no device sync
+    wmax = max(im.shape[2] for im in images)
+    hs = torch.tensor([im.shape[1] for im in images], dtype=torch.int32).to(device)
+    ws = torch.tensor([im.shape[2] for im in images], dtype=torch.int32).to(device)
     flat = torch.cat([im.reshape(3, -1) for im in images], dim=1)   # 3 × Σ h·w
-    starts = torch.cumsum(hs * ws, 0) - hs * ws
-    rows = torch.minimum(torch.arange(hmax, device=device)[None], (hs - 1)[:, None])  # N × H
-    cols = torch.minimum(torch.arange(wmax, device=device)[None], (ws - 1)[:, None])  # N × W
+    starts = torch.cumsum(hs * ws, 0, dtype=torch.int32) - hs * ws
+    ar = torch.arange(max(hmax, wmax), device=device, dtype=torch.int32)
+    rows = torch.minimum(ar[None, :hmax], (hs - 1)[:, None])  # N × H, clamped: edge repeat
+    cols = torch.minimum(ar[None, :wmax], (ws - 1)[:, None])  # N × W
     index = starts[:, None, None] + rows[:, :, None] * ws[:, None, None] + cols[:, None, :]
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    canvas = flat[:, index.reshape(-1)].reshape(3, n, hmax, wmax).transpose(0, 1).to(dtype)
-    rois = torch.cat([torch.arange(n, device=device, dtype=dtype)[:, None],
-                      boxes.to(device=device, dtype=dtype)], dim=1)
-    out = roi_align(canvas, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1,
-                    aligned=True)
+    canvas = flat.index_select(1, index.view(-1)).view(3, n, hmax, wmax).transpose(0, 1)
+    # float32, not half: box coordinates of large images need more than fp16's 11 bits
+    rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes.float()], dim=1)
+    out = roi_align(canvas.float(), rois.to(device), (size, size), spatial_scale=1.0,
+                    sampling_ratio=-1, aligned=True)
     out = torch.where(flips.to(device)[:, None, None, None], out.flip(3), out)
     out = out.round_().clamp_(0, 255).to(torch.uint8)
     return out.contiguous(memory_format=torch.channels_last)
