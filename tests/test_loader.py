@@ -197,3 +197,27 @@ def test_nvjpeg_path_on_cuda_matches_cpu_path(shapes_records):
     assert b.images.is_cuda and b.images.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(a.targets, b.targets.cpu())
     assert (a.images - b.images.cpu()).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_record_is_a_one_line_error_naming_file_and_record(tmp_path, capsys,
+                                                                      shapes_records, workers):
+    import shutil
+
+    from pipeline.records import RecordFile, RecordWriter
+    from train.cli import _one_line
+
+    src = RecordFile(shapes_records / "val.rec")
+    root = tmp_path / "bad"
+    root.mkdir()
+    shutil.copy(shapes_records / "classes.json", root)
+    with RecordWriter(root / "val.rec") as w:
+        for i in range(8):
+            data = src.raw(i).tobytes() if i != 5 else b"\xff\xd8garbage"
+            w.add(data, 0, 64, 64)
+    loader = _loader(root, "val", batch_size=8, workers=workers)
+    with pytest.raises(DataError) as e:
+        next(iter(loader))
+    loader.close()
+    line = _one_line(e.value)
+    assert "val.rec: record 5 cannot be decoded" in line and "\n" not in line
