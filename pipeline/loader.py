@@ -120,13 +120,14 @@ class Loader:
     def load_state_dict(self, state: dict) -> None:
         self.set_epoch(state["epoch"], state["position"])
 
+    def set_mix(self, enabled: bool) -> None:
+        """Switch the mix stage on or off (e.g. off for the last epochs of a run)."""
+        self.stages.mix_enabled = enabled
+
     def _generator(self, batch: int) -> torch.Generator | None:
         if not (self.stages.augment or self.stages.mix):
             return None
-        seed = keyed_generator(self.seed, self.epoch, batch, self.rank, "ops").initial_seed()
-        gen = torch.Generator(self.device)
-        gen.manual_seed(seed)
-        return gen
+        return keyed_generator(self.seed, self.epoch, batch, self.rank, "ops")
 
     def __iter__(self) -> Iterator[Batch]:
         tasks = self.plan.tasks(self.epoch, self._heights, self._widths, self.image_size,

@@ -43,25 +43,36 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
-def random_resized_boxes(heights: torch.Tensor, widths: torch.Tensor, gen: torch.Generator,
-                         scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
-    """Vectorised RandomResizedCrop: up to 10 tries per sample, the first that fits wins, else
-    the centre crop with the ratio clamped (torchvision's algorithm, one batch at a time)."""
-    n = len(heights)
+def area_ratio_boxes(heights: torch.Tensor, widths: torch.Tensor, u: torch.Tensor,
+                     scale: tuple[float, float], ratio: tuple[float, float],
+                     strict: bool = False) -> tuple[torch.Tensor, ...]:
+    """Boxes of area ``scale``·H·W and log-uniform aspect ``ratio`` (w/h), from uniforms ``u``
+    (N × tries × 4): the first try that fits wins. Returns x0, y0, w, h (float64) and a mask
+    of samples where some try fitted. ``strict``: the box must be smaller than the image
+    (random erasing) rather than no larger (random-resized crop)."""
     h_img = heights.double()[:, None]
     w_img = widths.double()[:, None]
-    u = torch.rand(n, _ATTEMPTS, 4, generator=gen, dtype=torch.float64)
     area = h_img * w_img * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
     aspect = torch.exp(log_r)
     w = torch.round(torch.sqrt(area * aspect))
     h = torch.round(torch.sqrt(area / aspect))
-    ok = (w > 0) & (h > 0) & (w <= w_img) & (h <= h_img)
+    ok = (w > 0) & (h > 0) & ((w < w_img) & (h < h_img) if strict else
+                              (w <= w_img) & (h <= h_img))
     first = torch.argmax(ok.int(), dim=1, keepdim=True)  # first fitting try (0 if none)
     pick = lambda t: t.gather(1, first)[:, 0]  # noqa: E731
     w, h, uy, ux = pick(w), pick(h), pick(u[..., 2]), pick(u[..., 3])
     y0 = torch.floor(uy * (heights - h + 1))
     x0 = torch.floor(ux * (widths - w + 1))
+    return x0, y0, w, h, ok.any(dim=1)
+
+
+def random_resized_boxes(heights: torch.Tensor, widths: torch.Tensor, gen: torch.Generator,
+                         scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
+    """Vectorised RandomResizedCrop: up to 10 tries per sample, the first that fits wins, else
+    the centre crop with the ratio clamped (torchvision's algorithm, one batch at a time)."""
+    u = torch.rand(len(heights), _ATTEMPTS, 4, generator=gen, dtype=torch.float64)
+    x0, y0, w, h, found = area_ratio_boxes(heights, widths, u, scale, ratio)
     # fallback: whole image, with the aspect ratio clamped into range, centred
     img_ratio = widths.double() / heights.double()
     fw = torch.where(img_ratio < ratio[0], widths.double(),
@@ -69,7 +80,7 @@ def random_resized_boxes(heights: torch.Tensor, widths: torch.Tensor, gen: torch
                                  widths.double()))
     fh = torch.where(img_ratio < ratio[0], torch.round(widths / ratio[0]),
                      heights.double())
-    fallback = ~ok.any(dim=1)
+    fallback = ~found
     w = torch.where(fallback, fw, w)
     h = torch.where(fallback, fh, h)
     y0 = torch.where(fallback, torch.floor((heights - h) / 2), y0)

@@ -6,8 +6,10 @@
     mix      ``mix(images, labels, num_classes, gen) -> (images, targets)``; targets become
              N×K distributions. Without a mix op, targets stay integer labels (the fast path).
 
-Ops get an explicit device generator keyed by (seed, epoch, batch, rank), so the same batch
-gets the same draw, and return what they drew where the target side needs it.
+Ops get an explicit CPU generator keyed by (seed, epoch, batch, rank): they draw their
+per-sample parameters with it (small tensors, no device sync), so the same batch gets the same
+draw on any device. ``pipeline.augment`` and ``pipeline.mix`` hold the ops, whose functional
+forms also return what they drew.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class Stages:
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
         self.channels_last = channels_last
+        self.mix_enabled = True  # the trainer can switch mixing off for the last epochs
         self._consts: dict = {}
 
     def _scale_shift(self, device: torch.device):
@@ -66,7 +69,7 @@ class Stages:
             scale, shift = self._scale_shift(images.device)
             x = torch.addcmul(shift, images.to(self.dtype), scale)
         targets = labels
-        if self.mix is not None:
+        if self.mix is not None and self.mix_enabled:
             x, targets = self.mix(x, labels, self.num_classes, gen)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=memory_format), targets

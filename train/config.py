@@ -38,6 +38,35 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    ops: list = field(default_factory=list)  # in order, of: jitter lighting cutout erasing autoaugment
+    brightness: float = 0.4          # jitter: factors in [1 − b, 1 + b] (the paper: 0.4)
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.0                 # jitter: shift in [−h, h] of a turn
+    jitter_random_order: bool = False
+    lighting_std: float = 0.1        # PCA lighting: α ~ N(0, σ)
+    cutout_holes: int = 1
+    cutout_size: int = 16            # side of each hole, pixels
+    cutout_p: float = 1.0
+    erasing_p: float = 0.5
+    erasing_area: list = field(default_factory=lambda: [0.02, 0.4])
+    erasing_ratio: float = 0.3       # aspect in [r1, 1/r1]
+    erasing_fill: str = "random"     # random | mean | zero
+    autoaugment_policy: str = "imagenet"
+
+
+@dataclass
+class MixConfig:
+    name: str = "none"               # none | mixup | cutmix | ricap
+    alpha: float = 0.2               # mixup's Beta(α, α)
+    per_sample: bool = False         # mixup: one λ per sample instead of per batch
+    cutmix_alpha: float = 1.0
+    ricap_beta: float = 0.3
+    off_last_epochs: int = 0         # no mixing in the last k epochs
+
+
+@dataclass
 class ModelConfig:
     name: str = "resnet50d"
     width: int = 64
@@ -85,6 +114,8 @@ class TrainConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -173,6 +204,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (),
 _CHOICES = {
     "data.decode": ("auto", "workers", "device"),
     "model.init": ("xavier", "torchvision"),
+    "mix.name": ("none", "mixup", "cutmix", "ricap"),
     "optim.name": ("sgd",),
     "optim.lr_scaling": ("linear", "none"),
     "schedule.name": ("cosine", "step"),

@@ -9,11 +9,12 @@ import torch
 
 from pipeline import Loader
 from pipeline.convert import convert, format_report
-from pipeline.errors import DataError
+from pipeline.errors import DataError, OptionError
+from pipeline.ops import make_op
 from pipeline.records import CLASSES_FILE, list_splits
 from pipeline.synthetic import make_dataset
 
-from .config import Config
+from .config import Config, ConfigError
 
 VAL_SPLITS = ("val", "validation", "test")
 
@@ -62,14 +63,38 @@ def pick_val_split(root: Path, wanted: str | None) -> str | None:
     return next((s for s in VAL_SPLITS if s in splits), None)
 
 
+def build_ops(cfg: Config) -> tuple[list, object | None]:
+    """The augment ops (in config order) and the mix op, from the config."""
+    a, m = cfg.augment, cfg.mix
+    kwargs = {
+        "jitter": dict(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation,
+                       hue=a.hue, random_order=a.jitter_random_order),
+        "lighting": dict(std=a.lighting_std),
+        "cutout": dict(holes=a.cutout_holes, size=a.cutout_size, p=a.cutout_p),
+        "erasing": dict(p=a.erasing_p, area=tuple(a.erasing_area), ratio=a.erasing_ratio,
+                        fill=a.erasing_fill),
+        "autoaugment": dict(policy=a.autoaugment_policy),
+    }
+    mix_kwargs = {"mixup": dict(alpha=m.alpha, per_sample=m.per_sample),
+                  "cutmix": dict(alpha=m.cutmix_alpha), "ricap": dict(beta=m.ricap_beta)}
+    try:
+        augment = [make_op("augment", name, **kwargs.get(name, {})) for name in a.ops]
+        mix = make_op("mix", m.name, **mix_kwargs[m.name]) if m.name != "none" else None
+    except OptionError as e:
+        raise ConfigError(f"augment/mix: {e}") from None
+    return augment, mix
+
+
 def make_loaders(cfg: Config, root: Path, device: torch.device, dtype: torch.dtype,
                  rank: int = 0, world_size: int = 1) -> tuple[Loader, Loader | None]:
     d = cfg.data
     common = dict(device=device, dtype=dtype, channels_last=cfg.train.channels_last,
                   engine=d.engine, decode=d.decode, workers=d.workers, prefetch=d.prefetch,
                   seed=cfg.train.seed, rank=rank, world_size=world_size)
+    augment, mix = build_ops(cfg)
     train = Loader(root, d.train_split, cfg.train.batch, train=True, image_size=d.image_size,
-                   scale=tuple(d.scale), ratio=tuple(d.ratio), **common)
+                   scale=tuple(d.scale), ratio=tuple(d.ratio), augment=augment, mix=mix,
+                   **common)
     val_split = pick_val_split(root, d.val_split)
     val = None
     if val_split is not None:

@@ -204,6 +204,7 @@ class Trainer:
         cfg, loader, model = self.cfg, self.train_loader, self.model
         model.train()
         loader.set_epoch(self.epoch, self.position)
+        loader.set_mix(self.epoch < cfg.train.epochs - cfg.mix.off_last_epochs)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = labelled = 0

@@ -1,0 +1,273 @@
+"""Per-sample augmentations of a whole batch: N×3×H×W float in [0, 1], any float dtype, CPU or
+CUDA. Each op is a pair: ``draw_*`` makes every sample's parameters on the CPU from an explicit
+generator (small N-sized tensors: no device sync, the same draw on every device), ``apply_*``
+applies them to the batch in a few kernels, with no loop over samples. The op classes at the
+bottom join the two; they are what the augment stage runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import OptionError, check_nonneg, check_prob
+from .sampling import area_ratio_boxes
+
+_GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+
+
+def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample vector as N×1×1×1 on x's device and dtype."""
+    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+
+
+def _uniform(n: int, gen: torch.Generator, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from the CPU generator (for per-pixel noise)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    g = torch.Generator(device)
+    g.manual_seed(seed)
+    return g
+
+
+# --- colour ---------------------------------------------------------------------------------
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    f = _col(f, x)
+    return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def adjust_brightness(x, f):
+    return (x * _col(f, x)).clamp_(0, 1)
+
+
+def adjust_contrast(x, f):
+    return blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation(x, f):
+    return blend(x, grayscale(x), f)
+
+
+def adjust_hue(x, shift):
+    """Rotate hue by ``shift`` (fraction of a turn, in [-0.5, 0.5]) per sample, via HSV."""
+    dtype = x.dtype
+    x = x.float()
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                    torch.zeros_like(maxc))
+    h = (h + shift.to(x.device, torch.float32).view(-1, 1, 1)) % 1.0
+    v = maxc
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    sel = lambda *c: torch.stack(c, 0).gather(0, i.unsqueeze(0))[0]  # noqa: E731
+    out = torch.stack([sel(v, q, p, p, t, v), sel(t, v, v, q, p, p), sel(p, p, t, v, v, q)], 1)
+    return out.clamp_(0, 1).to(dtype)
+
+
+@dataclass
+class JitterDraw:
+    brightness: torch.Tensor   # N factors
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor          # N shifts
+    order: torch.Tensor        # N×4 op ids (0 b, 1 c, 2 s, 3 h), applied left to right
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def draw_jitter(n: int, gen: torch.Generator, brightness=0.4, contrast=0.4, saturation=0.4,
+                hue=0.0, random_order=False) -> JitterDraw:
+    b = _uniform(n, gen, 1 - brightness, 1 + brightness)
+    c = _uniform(n, gen, 1 - contrast, 1 + contrast)
+    s = _uniform(n, gen, 1 - saturation, 1 + saturation)
+    h = _uniform(n, gen, -hue, hue)
+    order = (torch.argsort(torch.rand(n, 4, generator=gen), dim=1) if random_order
+             else torch.arange(4).expand(n, 4))
+    return JitterDraw(b, c, s, h, order)
+
+
+def apply_jitter(x: torch.Tensor, d: JitterDraw, enabled=(True, True, True, True)) -> torch.Tensor:
+    params = (d.brightness, d.contrast, d.saturation, d.hue)
+    fixed = bool((d.order == torch.arange(4)).all())
+    for pos in range(4):
+        if fixed:
+            if enabled[pos]:
+                x = _JITTER_OPS[pos](x, params[pos])
+            continue
+        for op in range(4):  # per-sample order: each op on the samples that have it here
+            if not enabled[op]:
+                continue
+            idx = torch.nonzero(d.order[:, pos] == op)[:, 0]  # CPU: no device sync
+            if len(idx):
+                dev_idx = idx.to(x.device)
+                sub = _JITTER_OPS[op](x.index_select(0, dev_idx), params[op][idx])
+                x = x.index_copy(0, dev_idx, sub)
+    return x
+
+
+# --- PCA lighting ---------------------------------------------------------------------------
+
+# ImageNet RGB covariance (pixels in [0, 1]), as in AlexNet and fb.resnet.torch
+EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
+                       [-0.5808, -0.0045, -0.8140],
+                       [-0.5836, -0.6948, 0.4203]])  # columns are the eigenvectors
+
+
+def draw_lighting(n: int, gen: torch.Generator, std: float = 0.1) -> torch.Tensor:
+    return torch.randn(n, 3, generator=gen) * std
+
+
+def apply_lighting(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Add Σ_j α_j·λ_j·v_j to every pixel (not clamped: the shift is exact)."""
+    rgb = (alpha * EIGVAL) @ EIGVEC.T  # N×3
+    return x + rgb.to(x.device, x.dtype)[:, :, None, None]
+
+
+# --- occlusion ------------------------------------------------------------------------------
+
+def _box_mask(x: torch.Tensor, y0, y1, x0, x1) -> torch.Tensor:
+    """N×1×H×W bool: rows [y0, y1) and columns [x0, x1) of each sample (CPU bounds)."""
+    n, _, h, w = x.shape
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    dev = lambda t: t.to(x.device).view(-1, 1, 1)  # noqa: E731
+    r = (rows.view(1, h, 1) >= dev(y0)) & (rows.view(1, h, 1) < dev(y1))
+    c = (cols.view(1, 1, w) >= dev(x0)) & (cols.view(1, 1, w) < dev(x1))
+    return (r & c).unsqueeze(1)
+
+
+@dataclass
+class CutoutDraw:
+    boxes: torch.Tensor  # N×holes×4 (y0, y1, x0, x1), clipped to the image
+    applied: torch.Tensor  # N bool
+
+
+def draw_cutout(n: int, h: int, w: int, gen: torch.Generator, holes=1, size=16,
+                p=1.0) -> CutoutDraw:
+    cy = torch.randint(0, h, (n, holes), generator=gen)
+    cx = torch.randint(0, w, (n, holes), generator=gen)
+    y0, x0 = cy - size // 2, cx - size // 2
+    boxes = torch.stack([y0.clamp(0, h), (y0 + size).clamp(0, h),
+                         x0.clamp(0, w), (x0 + size).clamp(0, w)], dim=-1)
+    return CutoutDraw(boxes, torch.rand(n, generator=gen) < p)
+
+
+def apply_cutout(x: torch.Tensor, d: CutoutDraw) -> torch.Tensor:
+    mask = torch.zeros(x.shape[0], 1, *x.shape[2:], dtype=torch.bool, device=x.device)
+    for k in range(d.boxes.shape[1]):  # loop over holes, not samples
+        b = d.boxes[:, k]
+        mask |= _box_mask(x, b[:, 0], b[:, 1], b[:, 2], b[:, 3])
+    mask &= d.applied.to(x.device).view(-1, 1, 1, 1)
+    return x.masked_fill(mask, 0)
+
+
+@dataclass
+class ErasingDraw:
+    boxes: torch.Tensor    # N×4 (y0, y1, x0, x1); empty where nothing is erased
+    applied: torch.Tensor  # N bool
+
+
+def draw_erasing(n: int, h: int, w: int, gen: torch.Generator, p=0.5, area=(0.02, 0.4),
+                 ratio=0.3, tries=10) -> ErasingDraw:
+    """Zhong et al.'s random erasing (torchvision's get_params, vectorised): area fraction in
+    ``area``, aspect in [ratio, 1/ratio] log-uniform, up to ``tries`` tries to fit."""
+    hs, ws = torch.full((n,), h), torch.full((n,), w)
+    u = torch.rand(n, tries, 4, generator=gen, dtype=torch.float64)
+    x0, y0, bw, bh, found = area_ratio_boxes(hs, ws, u, area, (ratio, 1 / ratio), strict=True)
+    applied = (torch.rand(n, generator=gen) < p) & found
+    boxes = torch.stack([y0, y0 + bh, x0, x0 + bw], dim=1).long()
+    boxes[~applied] = 0
+    return ErasingDraw(boxes, applied)
+
+
+def apply_erasing(x: torch.Tensor, d: ErasingDraw, fill: str = "random",
+                  mean=(0.485, 0.456, 0.406), gen: torch.Generator | None = None) -> torch.Tensor:
+    mask = _box_mask(x, d.boxes[:, 0], d.boxes[:, 1], d.boxes[:, 2], d.boxes[:, 3])
+    if fill == "random":
+        g = device_generator(gen, x.device) if gen is not None else None
+        values = torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
+    elif fill == "mean":
+        values = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    elif fill == "zero":
+        values = torch.zeros((), device=x.device, dtype=x.dtype)
+    else:
+        raise OptionError(f"erasing fill must be random, mean or zero, got {fill!r}")
+    return torch.where(mask, values, x)
+
+
+# --- the ops the augment stage runs ---------------------------------------------------------
+
+class ColorJitter:
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0,
+                 random_order=False):
+        for name, v in (("brightness", brightness), ("contrast", contrast),
+                        ("saturation", saturation)):
+            if not 0 <= v <= 1:
+                raise OptionError(f"jitter {name} must be in [0, 1], got {v}")
+        if not 0 <= hue <= 0.5:
+            raise OptionError(f"jitter hue must be in [0, 0.5], got {hue}")
+        self.kw = dict(brightness=brightness, contrast=contrast, saturation=saturation,
+                       hue=hue, random_order=random_order)
+        self.enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+
+    def __call__(self, x, gen):
+        return apply_jitter(x, draw_jitter(len(x), gen, **self.kw), self.enabled)
+
+
+class Lighting:
+    def __init__(self, std=0.1):
+        self.std = check_nonneg("lighting std", std)
+
+    def __call__(self, x, gen):
+        return apply_lighting(x, draw_lighting(len(x), gen, self.std))
+
+
+class Cutout:
+    def __init__(self, holes=1, size=16, p=1.0):
+        if holes < 1 or size < 1:
+            raise OptionError(f"cutout needs ≥ 1 hole of side ≥ 1, got {holes} of {size}")
+        self.holes, self.size, self.p = holes, size, check_prob("cutout p", p)
+
+    def __call__(self, x, gen):
+        h, w = x.shape[2:]
+        if self.size > min(h, w):
+            raise OptionError(f"cutout size {self.size} is larger than the {h}×{w} image")
+        return apply_cutout(x, draw_cutout(len(x), h, w, gen, self.holes, self.size, self.p))
+
+
+class RandomErasing:
+    def __init__(self, p=0.5, area=(0.02, 0.4), ratio=0.3, fill="random",
+                 mean=(0.485, 0.456, 0.406)):
+        self.p = check_prob("erasing p", p)
+        if not (0 < area[0] <= area[1] < 1):
+            raise OptionError(f"erasing area must satisfy 0 < sl ≤ sh < 1, got {list(area)}")
+        if not 0 < ratio <= 1:
+            raise OptionError(f"erasing ratio r1 must be in (0, 1], got {ratio}")
+        if fill not in ("random", "mean", "zero"):
+            raise OptionError(f"erasing fill must be random, mean or zero, got {fill!r}")
+        self.area, self.ratio, self.fill, self.mean = tuple(area), ratio, fill, mean
+
+    def __call__(self, x, gen):
+        h, w = x.shape[2:]
+        d = draw_erasing(len(x), h, w, gen, self.p, self.area, self.ratio)
+        return apply_erasing(x, d, self.fill, self.mean, gen)

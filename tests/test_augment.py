@@ -1,0 +1,241 @@
+"""Each augment op against a reference: torchvision's functional op per sample with the same
+drawn parameters, or the op's defining property on images built to show it."""
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from conftest import cuda
+from pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, Lighting, RandomErasing,
+                              apply_cutout, apply_erasing, apply_jitter, apply_lighting,
+                              draw_cutout, draw_erasing, draw_jitter, draw_lighting)
+from pipeline.autoaugment import BatchAutoAugment
+from pipeline.errors import OptionError
+from pipeline.sampling import keyed_generator
+
+
+def _images(n=16, h=24, w=20, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, h, w, generator=g)
+    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _gen(*key):
+    return keyed_generator("test", *key)
+
+
+# --- colour jitter ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("random_order", [False, True])
+def test_jitter_matches_torchvision_per_sample(random_order):
+    x = _images()
+    d = draw_jitter(len(x), _gen(1), 0.4, 0.4, 0.4, 0.1, random_order)
+    ours = apply_jitter(x, d)
+    tv_ops = [lambda im, f: TF.adjust_brightness(im, float(f)),
+              lambda im, f: TF.adjust_contrast(im, float(f)),
+              lambda im, f: TF.adjust_saturation(im, float(f)),
+              lambda im, f: TF.adjust_hue(im, float(f))]
+    params = [d.brightness, d.contrast, d.saturation, d.hue]
+    for i in range(len(x)):
+        ref = x[i]
+        for op in d.order[i].tolist():
+            ref = tv_ops[op](ref, params[op][i])
+        assert torch.allclose(ours[i], ref, atol=1e-5), i  # float32 rounding only
+
+
+def test_jitter_factors_are_per_sample_and_in_range():
+    d = draw_jitter(1000, _gen(2))
+    for f in (d.brightness, d.contrast, d.saturation):
+        assert f.min() >= 0.6 and f.max() <= 1.4 and f.std() > 0.2
+    assert len(set(d.order[:, 0].tolist())) == 1  # fixed order unless asked
+    r = draw_jitter(1000, _gen(2), random_order=True)
+    assert len({tuple(o) for o in r.order.tolist()}) == 24
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_jitter_in_half_precision_is_close_to_float(dtype):
+    x = _images()
+    d = draw_jitter(len(x), _gen(3), hue=0.05)
+    full = apply_jitter(x, d)
+    half = apply_jitter(x.to(dtype), d)
+    assert half.dtype == dtype
+    assert (half.float() - full).abs().max() < 0.03
+
+
+# --- lighting -----------------------------------------------------------------------------
+
+def test_lighting_adds_exactly_alpha_eigval_along_eigvec():
+    x = torch.full((3, 3, 4, 4), 0.5)
+    alpha = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.1, -0.2, 0.3]])
+    out = apply_lighting(x, alpha)
+    for i in range(3):
+        want = sum(alpha[i, j] * EIGVAL[j] * EIGVEC[:, j] for j in range(3))
+        assert torch.allclose(out[i] - 0.5, want.view(3, 1, 1).expand(3, 4, 4), atol=1e-7)
+    a = draw_lighting(20000, _gen(4), std=0.1)
+    assert abs(a.std() - 0.1) < 0.005 and abs(a.mean()) < 0.005
+
+
+# --- cutout -------------------------------------------------------------------------------
+
+def test_cutout_zeroes_exactly_the_clipped_square():
+    x = torch.ones(64, 3, 20, 20)
+    d = draw_cutout(64, 20, 20, _gen(5), holes=1, size=8)
+    out = apply_cutout(x, d)
+    clipped = 0
+    for i in range(64):
+        y0, y1, x0, x1 = d.boxes[i, 0].tolist()
+        cy, cx = y0 + 4 if y0 > 0 else None, x0 + 4 if x0 > 0 else None
+        want = torch.ones(3, 20, 20)
+        want[:, y0:y1, x0:x1] = 0
+        assert torch.equal(out[i], want)
+        clipped += (y1 - y0) * (x1 - x0) < 64
+    assert 0 < clipped < 64  # some holes hit the border and are clipped, some do not
+
+
+def test_cutout_several_holes_and_probability():
+    d = draw_cutout(4000, 32, 32, _gen(6), holes=3, size=4, p=0.3)
+    assert abs(d.applied.float().mean() - 0.3) < 0.03
+    out = apply_cutout(torch.ones(4000, 1, 32, 32), d)
+    assert torch.all(out[~d.applied] == 1)
+    assert torch.all((out[d.applied] == 0).flatten(1).sum(1) > 0)
+
+
+# --- random erasing -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fill", ["zero", "mean"])
+def test_erasing_matches_torchvision_erase(fill):
+    x = _images(32)
+    d = draw_erasing(32, 24, 20, _gen(7), p=0.7)
+    out = apply_erasing(x, d, fill)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    for i in range(32):
+        if not d.applied[i]:
+            assert torch.equal(out[i], x[i])
+            continue
+        y0, y1, x0, x1 = d.boxes[i].tolist()
+        v = torch.zeros(3, 1, 1) if fill == "zero" else mean
+        ref = TF.erase(x[i], y0, x0, y1 - y0, x1 - x0, v)
+        assert torch.equal(out[i], ref)
+
+
+def test_erasing_area_ratio_and_rate():
+    d = draw_erasing(20000, 100, 100, _gen(8), p=0.5)
+    assert abs(d.applied.float().mean() - 0.5) < 0.02
+    b = d.boxes[d.applied].double()
+    h, w = b[:, 1] - b[:, 0], b[:, 3] - b[:, 2]
+    area = h * w / 1e4
+    assert area.min() >= 0.015 and area.max() <= 0.42  # [0.02, 0.4] up to rounding
+    assert (h / w).min() >= 0.25 and (h / w).max() <= 4.0
+    assert torch.all(b[:, 1] <= 100) and torch.all(b[:, 3] <= 100) and torch.all(b >= 0)
+
+
+def test_erasing_random_fill_changes_only_the_box_and_stays_in_range():
+    x = torch.full((16, 3, 30, 30), 0.5)
+    op = RandomErasing(p=1.0, fill="random")
+    out = op(x, _gen(9))
+    changed = (out != 0.5).any(1)
+    assert changed.any() and out.min() >= 0 and out.max() <= 1
+    again = op(x, _gen(9))
+    assert torch.equal(out, again)  # the fill noise is keyed too
+
+
+# --- AutoAugment --------------------------------------------------------------------------
+
+def test_autoaugment_matches_torchvision_sub_ops_per_sample():
+    aa = BatchAutoAugment("imagenet")
+    x_u8 = (torch.rand(64, 3, 32, 28, generator=torch.Generator().manual_seed(0)) * 255).round()
+    x_u8 = x_u8.to(torch.uint8)
+    x = x_u8.float() / 255
+    d = aa.draw(64, _gen(10))
+    ours = aa.apply(x, d)
+    from torchvision.transforms.autoaugment import InterpolationMode, _apply_op
+    ops = [aa.resolve(d, s) for s in range(2)]
+    worst = []
+    for i in range(64):
+        ref = x_u8[i]
+        for slot in range(2):
+            if d.applied[i, slot]:
+                name = aa.names[int(ops[slot][0][i])]
+                mag = float(ops[slot][1][i]) * (255 if name == "Solarize" else 1)
+                ref = _apply_op(ref, name, mag, InterpolationMode.NEAREST, None)
+        diff = (ours[i] * 255 - ref.float()).abs()
+        # 8-bit reference vs float: ≤ 2 levels, except a few nearest-neighbour ties at edges
+        worst.append(float((diff > 2.5).float().mean()))
+    assert max(worst) < 0.02, max(worst)
+    assert d.applied.any(1).sum() > 32
+
+
+def test_autoaugment_each_op_kind_matches_torchvision():
+    """Every op of the table, forced on, with its largest magnitude."""
+    from torchvision.transforms.autoaugment import InterpolationMode, _apply_op
+
+    from pipeline.autoaugment import OPS
+    x_u8 = (torch.rand(4, 3, 32, 28, generator=torch.Generator().manual_seed(1)) * 255).round()
+    x_u8 = x_u8.to(torch.uint8)
+    for name, (fn, mag, signed) in OPS.items():
+        m = float(mag(9)) * (-1 if signed else 1)
+        ours = fn(x_u8.float() / 255, torch.full((4,), m))
+        for i in range(4):
+            ref = _apply_op(x_u8[i], name, m * (255 if name == "Solarize" else 1),
+                            InterpolationMode.NEAREST, None).float()
+            diff = (ours[i] * 255 - ref).abs()
+            assert float((diff > 2.5).float().mean()) < 0.02, name
+
+
+def test_autoaugment_applies_each_slot_at_its_probability():
+    aa = BatchAutoAugment()
+    d = aa.draw(50000, _gen(11))
+    for slot in range(2):
+        want = aa.probs[d.sub_policy, slot].mean()
+        assert abs(d.applied[:, slot].float().mean() - want) < 0.01
+    assert len(set(d.sub_policy.tolist())) == 25
+
+
+# --- shared properties ----------------------------------------------------------------------
+
+OPS = {"jitter": lambda: ColorJitter(hue=0.1, random_order=True), "lighting": Lighting,
+       "cutout": lambda: Cutout(2, 6), "erasing": lambda: RandomErasing(p=1.0),
+       "autoaugment": BatchAutoAugment}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_ops_are_keyed_per_sample_and_keep_layout(name):
+    op = OPS[name]()
+    x = torch.full((32, 3, 24, 24), 0.5) + 0.3 * _images(32, 24, 24)
+    a = op(x, _gen(12, 0))
+    b = op(x, _gen(12, 0))
+    c = op(x, _gen(12, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    changes = (a - x).flatten(1).abs().sum(1)
+    assert len(set(changes.round(decimals=4).tolist())) > 8  # samples drew differently
+    assert a.shape == x.shape and a.dtype == x.dtype
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: Cutout(p=1.5), "cutout p must be a probability"),
+    (lambda: RandomErasing(p=-0.1), "erasing p must be a probability"),
+    (lambda: RandomErasing(area=(0.5, 0.2)), "erasing area"),
+    (lambda: ColorJitter(brightness=2.0), "jitter brightness"),
+    (lambda: Lighting(std=-1), "lighting std must be ≥ 0"),
+    (lambda: BatchAutoAugment("nope"), "unknown AutoAugment policy"),
+])
+def test_bad_settings_are_refused(make, message):
+    with pytest.raises(OptionError, match=message):
+        make()
+
+
+def test_cutout_hole_larger_than_the_image_is_refused():
+    with pytest.raises(OptionError, match="larger than the 8×8 image"):
+        Cutout(size=9)(torch.zeros(2, 3, 8, 8), _gen(13))
+
+
+@cuda
+@pytest.mark.parametrize("name", OPS)
+def test_cpu_and_cuda_agree(name):
+    op = OPS[name]()
+    x = _images(32, 24, 24)
+    cpu = op(x, _gen(14))
+    gpu = op(x.cuda(), _gen(14))
+    if name == "erasing":  # the random fill differs by device; the box does not
+        assert torch.equal(cpu == x, gpu.cpu() == x)
+    else:
+        assert (cpu - gpu.cpu()).abs().max() < 1e-4
