@@ -59,7 +59,7 @@ def cutmix(x, labels, num_classes, gen, alpha=1.0):
     perm = torch.randperm(n, generator=gen)
     dev_perm = perm.to(x.device)
     out = x.clone()
-    out[:, :, y0:y1, x0:x1] = x[dev_perm][:, :, y0:y1, x0:x1]
+    out[:, :, y0:y1, x0:x1] = x[:, :, y0:y1, x0:x1][dev_perm]  # gather the box only
     lam_adj = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     y = _one_hot(labels, num_classes, torch.float32)
     targets = lam_adj * y + (1 - lam_adj) * y[dev_perm]
@@ -81,7 +81,7 @@ def ricap(x, labels, num_classes, gen, beta=0.3):
         oy = int(torch.randint(0, h - ph + 1, (1,), generator=gen))
         ox = int(torch.randint(0, w - pw + 1, (1,), generator=gen))
         dev_perm = perm.to(x.device)
-        patches.append(x[dev_perm][:, :, oy:oy + ph, ox:ox + pw])
+        patches.append(x[:, :, oy:oy + ph, ox:ox + pw][dev_perm])  # gather the crop only
         weight = ph * pw / (h * w)
         targets += weight * y[dev_perm]
         perms.append(perm)

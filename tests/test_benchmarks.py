@@ -15,3 +15,16 @@ def test_loader_benchmark_writes_valid_results(tmp_path, capsys):
         assert len(r["windows"]) == 2 and all(w > 0 for w in r["windows"])
         assert min(r["windows"]) <= r["median"] <= max(r["windows"])
         assert r["unit"] == "images/s"
+
+
+def test_augment_benchmark_writes_valid_results(tmp_path):
+    from benchmarks.augment import main as augment_main
+    assert augment_main(["--batch", "4", "--size", "32", "--runs", "2", "--iters", "1",
+                         "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "augment.json").read_text())
+    names = [r["name"] for r in doc["results"]]
+    assert {"jitter", "lighting", "erasing", "autoaugment", "mixup", "ricap",
+            "train step: resnet50d"} <= set(names)
+    assert any(n.startswith("stack:") for n in names)
+    for r in doc["results"]:
+        assert r["unit"] == "ms/batch" and len(r["windows"]) == 2 and r["median"] > 0

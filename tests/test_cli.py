@@ -53,3 +53,19 @@ def test_convert_command_prints_the_report(tmp_path, capsys, shapes_tree):
     assert main(["convert", str(shapes_tree), str(tmp_path / "out"), "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "train: 400 written, 0 skipped" in out and "report:" in out
+
+
+def test_show_batch_writes_a_captioned_grid(tmp_path, capsys, shapes_records):
+    from PIL import Image
+
+    from pipeline.preview import caption
+    out = tmp_path / "grid.png"
+    assert main(["show-batch", f"data.path={shapes_records}", "data.image_size=32",
+                 "data.workers=0", "augment.ops=[jitter, erasing]", "mix.name=mixup",
+                 "--out", str(out), "--count", "9"]) == 0
+    assert "9 samples" in capsys.readouterr().out
+    img = Image.open(out)
+    assert img.size == (3 * 160, 3 * (160 + 14))
+    classes = ["a", "b", "c"]
+    assert caption(torch.tensor(1), classes) == "b"
+    assert caption(torch.tensor([0.7, 0.0, 0.3]), classes) == "a .70 c .30"

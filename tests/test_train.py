@@ -122,3 +122,33 @@ def test_model_weights_option_loads_a_torchvision_state_dict(tmp_path):
     cfg = load_config([], ["model.name=resnet18d", f"model.weights={tmp_path}/r18.pth"])
     with pytest.raises(ConfigError, match="do not match"):
         build_model(cfg, 10)
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix", "ricap"])
+def test_any_augment_and_mix_combination_is_a_config_switch(shapes_records, tmp_path,
+                                                             monkeypatch, mix):
+    cfg = load_config([], SMALL + [
+        f"data.path={shapes_records}", "train.epochs=2", f"train.out={tmp_path}",
+        "train.name=r", "augment.ops=[autoaugment, jitter, lighting, cutout, erasing]",
+        "augment.cutout_size=8", "augment.hue=0.05", f"mix.name={mix}",
+        "mix.off_last_epochs=1", "train.label_smoothing=0.1"])
+    t, losses = _run(cfg, monkeypatch)
+    assert len(losses) == 24 and all(torch.isfinite(torch.tensor(list(losses.values()))))
+    metrics = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    # mixed targets have no train accuracy; the last epoch trains unmixed (off_last_epochs=1)
+    assert metrics[0]["train_top1"] is None and metrics[1]["train_top1"] is not None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("augment.ops=[blur]", "unknown augment op 'blur'; known: jitter, lighting"),
+    ("augment.erasing_p=1.5", "erasing p must be a probability in [0, 1], got 1.5"),
+    ("mix.alpha=-0.2", "mixup alpha must be ≥ 0"),
+    ("augment.cutout_size=64", "cutout_size=64 is larger than the 32² training image"),
+])
+def test_bad_augment_settings_are_one_line_errors(shapes_records, capsys, override, message):
+    extra = ["augment.ops=[cutout, erasing]"] if "ops" not in override else []
+    extra += ["mix.name=mixup"] if override.startswith("mix") else []
+    code = main(["train", "--no-progress", f"data.path={shapes_records}", *SMALL, *extra,
+                 override])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and message in err and "\n" not in err

@@ -27,6 +27,13 @@ def get_parser() -> argparse.ArgumentParser:
                    help="continue a run at the exact iteration it stopped")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    s = sub.add_parser("show-batch", help="a PNG grid of one augmented, mixed training batch")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value")
+    s.add_argument("-c", "--config", action="append", default=None, metavar="YAML")
+    s.add_argument("--out", default="batch.png", help="PNG to write (default: batch.png)")
+    s.add_argument("--count", type=int, default=16, help="samples to show")
+    s.add_argument("--epoch", type=int, default=0, help="which epoch's draw to show")
+
     e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's validation split")
     e.add_argument("checkpoint")
     e.add_argument("data", help="converted folder or ImageFolder tree")
@@ -80,6 +87,30 @@ def cmd_train(args) -> int:
     if result.get("val_top1") is not None:
         print(f"final val top-1 {100 * result['val_top1']:.2f}%, "
               f"top-5 {100 * result['val_top5']:.2f}%")
+    return 0
+
+
+def cmd_show_batch(args) -> int:
+    import torch
+
+    from pipeline.preview import save_grid
+
+    from .config import load_config
+    from .data import make_loaders, resolve_dataset
+
+    cfg = load_config([config_path(c) for c in (args.config or ["demo"])], args.overrides)
+    cfg.train.batch = args.count
+    root = resolve_dataset(cfg.data.path, cfg.data.max_side, cfg.data.quality)
+    train, val = make_loaders(cfg, root, torch.device("cpu"), torch.float32)
+    train.set_epoch(args.epoch)
+    images, targets = next(iter(train))
+    path = save_grid(images, targets, train.classes, args.out)
+    train.close()
+    if val is not None:
+        val.close()
+    ops = ", ".join(cfg.augment.ops) or "none"
+    print(f"wrote {path}: {len(images)} samples of epoch {args.epoch} "
+          f"(augment: {ops}; mix: {cfg.mix.name})")
     return 0
 
 
@@ -147,7 +178,8 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert,
+               "show-batch": cmd_show_batch}[args.command]
     try:
         return handler(args)
     except UserError as e:
