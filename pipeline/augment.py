@@ -205,7 +205,7 @@ def apply_erasing(x: torch.Tensor, d: ErasingDraw, fill: str = "random",
     mask = _box_mask(x, d.boxes[:, 0], d.boxes[:, 1], d.boxes[:, 2], d.boxes[:, 3])
     if fill == "random":
         g = device_generator(gen, x.device) if gen is not None else None
-        values = torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        values = torch.empty_like(x).uniform_(generator=g)
     elif fill == "mean":
         values = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     elif fill == "zero":
@@ -216,6 +216,13 @@ def apply_erasing(x: torch.Tensor, d: ErasingDraw, fill: str = "random",
 
 
 # --- the ops the augment stage runs ---------------------------------------------------------
+
+def keep_layout(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` in ``x``'s memory format (ops built from stacks and masks fall back to NCHW)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
 
 class ColorJitter:
     def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0,
@@ -231,7 +238,8 @@ class ColorJitter:
         self.enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
 
     def __call__(self, x, gen):
-        return apply_jitter(x, draw_jitter(len(x), gen, **self.kw), self.enabled)
+        return keep_layout(x, apply_jitter(x, draw_jitter(len(x), gen, **self.kw),
+                                           self.enabled))
 
 
 class Lighting:
@@ -252,7 +260,8 @@ class Cutout:
         h, w = x.shape[2:]
         if self.size > min(h, w):
             raise OptionError(f"cutout size {self.size} is larger than the {h}×{w} image")
-        return apply_cutout(x, draw_cutout(len(x), h, w, gen, self.holes, self.size, self.p))
+        d = draw_cutout(len(x), h, w, gen, self.holes, self.size, self.p)
+        return keep_layout(x, apply_cutout(x, d))
 
 
 class RandomErasing:
@@ -270,4 +279,4 @@ class RandomErasing:
     def __call__(self, x, gen):
         h, w = x.shape[2:]
         d = draw_erasing(len(x), h, w, gen, self.p, self.area, self.ratio)
-        return apply_erasing(x, d, self.fill, self.mean, gen)
+        return keep_layout(x, apply_erasing(x, d, self.fill, self.mean, gen))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.autoaugment import AutoAugment, AutoAugmentPolicy
 
-from .augment import adjust_brightness, adjust_contrast, adjust_saturation, blend
+from .augment import adjust_brightness, adjust_contrast, adjust_saturation, blend, keep_layout
 from .errors import OptionError
 
 _BINS = 10
@@ -192,4 +192,4 @@ class BatchAutoAugment:
         return x
 
     def __call__(self, x, gen):
-        return self.apply(x, self.draw(len(x), gen))
+        return keep_layout(x, self.apply(x, self.draw(len(x), gen)))

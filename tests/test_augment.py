@@ -200,7 +200,8 @@ OPS = {"jitter": lambda: ColorJitter(hue=0.1, random_order=True), "lighting": Li
 @pytest.mark.parametrize("name", OPS)
 def test_ops_are_keyed_per_sample_and_keep_layout(name):
     op = OPS[name]()
-    x = torch.full((32, 3, 24, 24), 0.5) + 0.3 * _images(32, 24, 24)
+    x = (torch.full((32, 3, 24, 24), 0.5) + 0.3 * _images(32, 24, 24)).contiguous(
+        memory_format=torch.channels_last)
     a = op(x, _gen(12, 0))
     b = op(x, _gen(12, 0))
     c = op(x, _gen(12, 1))
@@ -208,6 +209,18 @@ def test_ops_are_keyed_per_sample_and_keep_layout(name):
     changes = (a - x).flatten(1).abs().sum(1)
     assert len(set(changes.round(decimals=4).tolist())) > 8  # samples drew differently
     assert a.shape == x.shape and a.dtype == x.dtype
+    assert a.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", OPS)
+def test_ops_run_in_half_precision(name, dtype):
+    x = _images(8, 24, 24)
+    out = OPS[name]()(x.to(dtype), _gen(15))
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    if name != "erasing":  # random fill aside, close to the float32 result
+        ref = OPS[name]()(x, _gen(15))
+        assert (out.float() - ref).abs().mean() < 0.02
 
 
 @pytest.mark.parametrize("make,message", [
@@ -239,3 +252,17 @@ def test_cpu_and_cuda_agree(name):
         assert torch.equal(cpu == x, gpu.cpu() == x)
     else:
         assert (cpu - gpu.cpu()).abs().max() < 1e-4
+
+
+def test_loader_augment_draws_are_keyed_by_seed_and_epoch(shapes_records):
+    from pipeline import Loader
+
+    def batch(epoch, seed=0):
+        # validation crops are fixed, so any difference comes from the augment draw
+        loader = Loader(shapes_records, "val", 16, train=False, image_size=32, workers=0,
+                        seed=seed, augment=[ColorJitter(), RandomErasing(p=1.0)])
+        loader.set_epoch(epoch)
+        return next(iter(loader)).images
+    a = batch(0)
+    assert torch.equal(a, batch(0))
+    assert not torch.equal(a, batch(1)) and not torch.equal(a, batch(0, seed=1))
