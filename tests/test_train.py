@@ -46,8 +46,8 @@ def _run(cfg, monkeypatch, stop_at=None, resume=None):
     losses = {}
     real_step = trainer_mod.train_step
 
-    def recording_step(*args):
-        loss, logits = real_step(*args)
+    def recording_step(*args, **kwargs):
+        loss, logits = real_step(*args, **kwargs)
         step = len(losses) + recording_step.offset + 1
         losses[step] = loss.item()
         if step == stop_at:

@@ -74,20 +74,32 @@ def cmd_train(args) -> int:
         cfg = load_config([], args.overrides, base=load_checkpoint(args.resume)["config"])
     else:
         cfg = load_config([config_path(c) for c in (args.config or ["demo"])], args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    from . import distributed
+    from .trainer import Stopped
+
+    trainer = None
     try:
-        print(f"run dir: {trainer.run_dir}  (device {trainer.device}, {cfg.model.name}, "
-              f"{trainer.num_classes} classes, {trainer.steps_per_epoch} iterations/epoch)")
-        result = trainer.fit()
+        trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+        say = trainer.log
+        say(f"run dir: {trainer.run_dir}  (device {trainer.device}, {cfg.model.name}, "
+            f"{trainer.num_classes} classes, {trainer.steps_per_epoch} iterations/epoch, "
+            f"{trainer.dist.world_size} process(es))")
+        try:
+            result = trainer.fit()
+        except Stopped as e:
+            say(str(e))
+            return 128 + e.signum
+        say(f"run dir:    {trainer.run_dir}")
+        say(f"checkpoint: {trainer.checkpoint_path}")
+        say(f"metrics:    {trainer.metrics_path}")
+        if result.get("val_top1") is not None:
+            say(f"final val top-1 {100 * result['val_top1']:.2f}%, "
+                f"top-5 {100 * result['val_top5']:.2f}%")
+        return 0
     finally:
-        trainer.close()
-    print(f"run dir:    {trainer.run_dir}")
-    print(f"checkpoint: {trainer.checkpoint_path}")
-    print(f"metrics:    {trainer.metrics_path}")
-    if result.get("val_top1") is not None:
-        print(f"final val top-1 {100 * result['val_top1']:.2f}%, "
-              f"top-5 {100 * result['val_top5']:.2f}%")
-    return 0
+        if trainer is not None:
+            trainer.close()
+        distributed.shutdown()
 
 
 def cmd_show_batch(args) -> int:

@@ -35,6 +35,7 @@ class DataConfig:
     ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])
     max_side: int | None = None      # when a folder tree is converted on the fly
     quality: int = 90
+    progressive: list = field(default_factory=list)  # [[epoch, size], …]: train size from epoch
 
 
 @dataclass
@@ -77,14 +78,26 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig:
+    checkpoint: str | None = None    # our checkpoint, or a torchvision state dict (name `model`)
+    model: str | None = None         # None: the checkpoint's own model
+    temperature: float = 20.0        # the paper's T
+    weight: float = 1.0              # w in CE + w·T²·CE(teacher/T, student/T)
+
+
+@dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: str = "sgd"                # sgd (Nesterov momentum) | adabound | amsbound
     lr: float = 0.1                  # for a batch of 256; scaled by lr_scaling
     lr_scaling: str = "linear"       # linear: lr × batch / 256 | none
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
     no_bias_decay: bool = False      # exclude every 1-D parameter (biases, BN γ and β)
+    final_lr: float = 0.1            # AdaBound: the SGD-like LR the bounds converge to
+    gamma: float = 1e-3              # AdaBound: how fast the bounds close
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
 
 
 @dataclass
@@ -104,6 +117,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
+    accumulate: int = 1              # micro-batches per optimizer step (batch stays the total)
+    sync_bn: bool = False            # SyncBatchNorm across GPUs (CUDA only)
+    ema_decay: float = 0.0           # EMA of the weights, evaluated beside them; 0: off
     checkpoint_every: int = 0        # iterations between mid-epoch checkpoints; 0: epoch ends only
     log_every: int = 20              # iterations between reading metrics back from the device
     eval_every: int = 1              # epochs
@@ -119,6 +135,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -205,7 +222,7 @@ _CHOICES = {
     "data.decode": ("auto", "workers", "device"),
     "model.init": ("xavier", "torchvision"),
     "mix.name": ("none", "mixup", "cutmix", "ricap"),
-    "optim.name": ("sgd",),
+    "optim.name": ("sgd", "adabound", "amsbound"),
     "optim.lr_scaling": ("linear", "none"),
     "schedule.name": ("cosine", "step"),
     "train.precision": ("fp32", "fp16", "bf16"),
@@ -227,6 +244,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if cfg.schedule.warmup_epochs < 0:
         raise ConfigError("schedule.warmup_epochs must be ≥ 0")
+    if t.accumulate < 1 or t.batch % t.accumulate:
+        raise ConfigError(f"train.accumulate={t.accumulate} must be ≥ 1 and divide "
+                          f"train.batch={t.batch}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if cfg.teacher.temperature <= 0:
+        raise ConfigError(f"teacher.temperature must be > 0, got {cfg.teacher.temperature}")
+    prog = cfg.data.progressive
+    if prog and not (all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p)
+                         and p[0] >= 0 and p[1] >= 1 for p in prog)
+                     and [p[0] for p in prog] == sorted({p[0] for p in prog})):
+        raise ConfigError(f"data.progressive must be [[epoch, size], …] with increasing epochs, "
+                          f"got {prog}")
 
 
 def dump_config(cfg: Config) -> str:

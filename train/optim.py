@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adabound import AdaBound
+
 
 def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> list[dict]:
     """With ``no_bias_decay``, every parameter of ndim ≤ 1 (biases, BN γ and β wherever they
@@ -19,9 +21,14 @@ def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> 
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, nesterov: bool,
-                    weight_decay: float, no_bias_decay: bool) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.9,
+                    nesterov: bool = True, weight_decay: float = 0.0, no_bias_decay: bool = False,
+                    final_lr: float = 0.1, gamma: float = 1e-3, betas=(0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay, no_bias_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    if name in ("adabound", "amsbound"):
+        return AdaBound(groups, lr=lr, betas=tuple(betas), final_lr=final_lr, gamma=gamma,
+                        eps=eps, amsbound=name == "amsbound")
     raise ValueError(f"unknown optimizer {name!r}")

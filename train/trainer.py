@@ -1,22 +1,28 @@
-"""The training loop: a short step function, per-iteration LR, evaluation, checkpoints, resume."""
+"""The training loop: a short step function, per-iteration LR, evaluation, checkpoints, resume,
+DDP under torchrun, gradient accumulation, distillation, EMA, signal-safe stops."""
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from models import create_model, load_torchvision_state_dict
 from pipeline.errors import UserError
 
+from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, dump_config
 from .data import make_loaders, resolve_dataset
+from .distill import DistillationLoss
 from .loss import SoftTargetCrossEntropy
 from .optim import build_optimizer
 from .rundir import environment, make_run_dir
@@ -25,18 +31,42 @@ from .schedule import lr_at, scaled_lr
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def select_device(name: str) -> torch.device:
+class Stopped(Exception):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint):
+        super().__init__(f"stopped by signal {signum}; checkpoint: {checkpoint}")
+        self.signum = signum
+
+
+def select_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name}: CUDA is not available on this machine")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
     return device
 
 
 def check_precision(precision: str, device: torch.device) -> None:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
+
+
+def _load_weights(model: nn.Module, path: str, what: str) -> None:
+    if not Path(path).is_file():
+        raise ConfigError(f"{what}: file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "format_version" in state:
+        model.load_state_dict(state["model"])
+        return
+    try:
+        load_torchvision_state_dict(model, state)
+    except ValueError as e:
+        raise ConfigError(f"{what}={path}: {e}") from None
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -47,16 +77,35 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     if m.weights:
-        if not Path(m.weights).is_file():
-            raise ConfigError(f"model.weights: file not found: {m.weights}")
-        state = torch.load(m.weights, map_location="cpu", weights_only=False)
-        if isinstance(state, dict) and "format_version" in state:
+        _load_weights(model, m.weights, "model.weights")
+    return model
+
+
+def build_teacher(cfg: Config, num_classes: int) -> nn.Module:
+    """The teacher: our checkpoint (its own model settings) or a torchvision state dict."""
+    t = cfg.teacher
+    if not Path(t.checkpoint).is_file():
+        raise ConfigError(f"teacher.checkpoint: file not found: {t.checkpoint}")
+    state = torch.load(t.checkpoint, map_location="cpu", weights_only=False)
+    ours = isinstance(state, dict) and "format_version" in state
+    mcfg = dict(state["config"]["model"]) if ours else {}
+    name = t.model or mcfg.get("name")
+    if name is None:
+        raise ConfigError("teacher.model: name the teacher's model (the checkpoint is not ours)")
+    try:
+        model = create_model(name, num_classes=num_classes,
+                             cifar_stem=mcfg.get("cifar_stem", False), width=mcfg.get("width", 64))
+    except ValueError as e:
+        raise ConfigError(f"teacher: {e}") from None
+    try:
+        if ours:
             model.load_state_dict(state["model"])
         else:
-            try:
-                load_torchvision_state_dict(model, state)
-            except ValueError as e:
-                raise ConfigError(f"model.weights={m.weights}: {e}") from None
+            load_torchvision_state_dict(model, state)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"teacher.checkpoint={t.checkpoint} does not fit {name} with "
+                          f"{num_classes} classes ({str(e).splitlines()[0]})") from None
+    model.eval().requires_grad_(False)
     return model
 
 
@@ -67,83 +116,142 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> li
     return [hit[:, :k].any(dim=1).sum() for k in ks]
 
 
-def train_step(model, images, targets, criterion, optimizer, scaler, autocast):
-    with autocast:
-        logits = model(images)
-        loss = criterion(logits, targets)
+def train_step(model, images, targets, criterion, optimizer, scaler, autocast, accumulate=1,
+               teacher=None):
+    """One optimizer step over ``accumulate`` micro-batches of the batch; gradients are
+    all-reduced by DDP on the last micro-batch only. Returns the mean loss and the logits."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    total, all_logits = 0.0, []
+    chunks = list(zip(images.tensor_split(accumulate), targets.tensor_split(accumulate)))
+    for i, (x, t) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
+        with sync:
+            with autocast:
+                logits = model(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        loss = criterion(logits, t, teacher(x))
+                else:
+                    loss = criterion(logits, t)
+            scaler.scale(loss / accumulate).backward()
+        total = total + loss.detach() / accumulate
+        all_logits.append(logits.detach())
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach(), logits.detach()
+    return total, torch.cat(all_logits)
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion, autocast, progress: bool = False) -> dict:
+def evaluate(model, loader, criterion, autocast, progress: bool = False, prefix: str = "val"
+             ) -> dict:
+    """Top-1/top-5 and loss over this rank's shard, summed over ranks (shards are disjoint)."""
     model.eval()
     device = loader.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    c1 = torch.zeros((), device=device, dtype=torch.long)
-    c5 = torch.zeros((), device=device, dtype=torch.long)
-    n = 0
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1, top-5, count
     loader.set_epoch(0)
     for images, labels in tqdm(loader, desc="eval", leave=False, disable=not progress):
         with autocast:
             logits = model(images)
-            loss_sum += criterion(logits, labels).double() * len(labels)
+            loss = criterion(logits, labels)
         a1, a5 = accuracy_counts(logits, labels)
-        c1 += a1
-        c5 += a5
-        n += len(labels)
-    return {"val_loss": loss_sum.item() / n, "val_top1": c1.item() / n, "val_top5": c5.item() / n,
-            "val_images": n}
+        sums += torch.stack([loss.double() * len(labels), a1.double(), a5.double(),
+                             torch.tensor(float(len(labels)), device=device)])
+    loss, c1, c5, n = distributed.all_reduce_sum(sums).tolist()
+    return {f"{prefix}_loss": loss / n, f"{prefix}_top1": c1 / n, f"{prefix}_top5": c5 / n,
+            f"{prefix}_images": int(n)}
+
+
+def progressive_size(schedule: list, epoch: int, default: int) -> int:
+    """The training resolution of ``epoch``: the last [start_epoch, size] that has begun."""
+    size = default
+    for start, s in schedule:
+        if epoch >= start:
+            size = s
+    return size
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, progress: bool = True,
                  log=print):
-        self.cfg, self.log, self.progress = cfg, log, progress
+        self.cfg = cfg
+        t = cfg.train
         state = load_checkpoint(resume) if resume else None
-        self.device = select_device(cfg.train.device)
-        check_precision(cfg.train.precision, self.device)
-        torch.manual_seed(cfg.train.seed)
-        self.dtype = DTYPES[cfg.train.precision]
+        device_type = select_device(t.device).type
+        self.dist = distributed.init(device_type)
+        self.main = self.dist.is_main
+        self.log = log if self.main else (lambda *a, **k: None)
+        self.progress = progress and self.main
+        self.device = select_device(t.device, self.dist.local_rank)
+        check_precision(t.precision, self.device)
+        if t.sync_bn and self.device.type != "cuda":
+            raise ConfigError("train.sync_bn needs CUDA: torch has no SyncBatchNorm on the CPU")
+        world = self.dist.world_size
+        if t.batch % (world * t.accumulate):
+            raise ConfigError(f"train.batch={t.batch} must divide by world size ({world}) × "
+                              f"train.accumulate ({t.accumulate})")
+        torch.manual_seed(t.seed)
+        self.dtype = DTYPES[t.precision]
 
-        self.data_root = resolve_dataset(cfg.data.path, cfg.data.max_side, cfg.data.quality, log)
+        self.data_root = resolve_dataset(cfg.data.path, cfg.data.max_side, cfg.data.quality,
+                                         self.log)
         self.train_loader, self.val_loader = make_loaders(cfg, self.data_root, self.device,
-                                                          self.dtype)
+                                                          self.dtype, self.dist.rank, world)
         self.num_classes = self.train_loader.num_classes
-        model = build_model(cfg, self.num_classes).to(self.device)
-        if cfg.train.channels_last:
+        model = build_model(cfg, self.num_classes)
+        if t.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.criterion = SoftTargetCrossEntropy(self.num_classes, cfg.train.label_smoothing)
+        self.net = model
+        if self.dist.enabled:
+            self.net = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay),
+                                  use_buffers=True) if t.ema_decay else None)
+        self.teacher = None
+        base = SoftTargetCrossEntropy(self.num_classes, t.label_smoothing)
+        self.criterion = base
+        if cfg.teacher.checkpoint:
+            teacher = build_teacher(cfg, self.num_classes).to(self.device)
+            self.teacher = teacher.to(memory_format=torch.channels_last) if t.channels_last \
+                else teacher
+            self.criterion = DistillationLoss(base, cfg.teacher.temperature, cfg.teacher.weight)
         self.eval_criterion = SoftTargetCrossEntropy(self.num_classes)
         o = cfg.optim
-        self.peak_lr = scaled_lr(o.lr, cfg.train.batch, o.lr_scaling)
+        self.peak_lr = scaled_lr(o.lr, t.batch, o.lr_scaling)
         self.optimizer = build_optimizer(model, o.name, self.peak_lr, o.momentum, o.nesterov,
-                                         o.weight_decay, o.no_bias_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=cfg.train.precision == "fp16")
+                                         o.weight_decay, o.no_bias_decay, o.final_lr, o.gamma,
+                                         o.betas, o.eps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
-                         if cfg.train.precision != "fp32" else nullcontext())
+                         if t.precision != "fp32" else nullcontext())
         self.steps_per_epoch = len(self.train_loader)
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.total_steps = self.steps_per_epoch * t.epochs
         self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.milestones = [e * self.steps_per_epoch for e in cfg.schedule.step_epochs]
         self.step, self.epoch, self.position = 0, 0, 0
         self.best_top1 = 0.0
+        self._signal: int | None = None
+        self._first_bad = torch.full((), math.inf, device=self.device, dtype=torch.float64)
 
+        self.run_dir = Path(state["path"]).parent if state else None
         if state is not None:
-            self.run_dir = Path(state["path"]).parent
             self._restore(state)
-        else:
-            self.run_dir = make_run_dir(cfg.train.out, cfg.train.name)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        (self.run_dir / "env.json").write_text(json.dumps(
-            environment(self.device, cfg.train.seed, str(self.data_root)), indent=1))
-        self.checkpoint_path = self.run_dir / "checkpoint.pt"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        elif self.main:
+            self.run_dir = make_run_dir(t.out, t.name)
+        if self.main:
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            (self.run_dir / "env.json").write_text(json.dumps(
+                {**environment(self.device, t.seed, str(self.data_root)),
+                 "world_size": world}, indent=1))
+        self.checkpoint_path = self.run_dir / "checkpoint.pt" if self.run_dir else None
+        self.metrics_path = self.run_dir / "metrics.jsonl" if self.run_dir else None
+        self.log_path = self.run_dir / "train_log.jsonl" if self.run_dir else None
+        if state is not None and self.main:
+            self._truncate_logs(state)
 
     def lr(self, i: int) -> float:
         s = self.cfg.schedule
@@ -154,17 +262,30 @@ class Trainer:
     def _state(self) -> dict:
         return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "step": self.step, "epoch": self.epoch, "position": self.position,
-                "best_top1": self.best_top1, "rng": rng_state(), "classes":
-                self.train_loader.classes}
+                "best_top1": self.best_top1, "rng": rng_state(),
+                "classes": self.train_loader.classes, "world_size": self.dist.world_size}
 
     def save(self) -> None:
-        save_checkpoint(self.checkpoint_path, self._state())
+        """Rank 0 writes the checkpoint, never one that holds a non-finite step."""
+        self._check_finite()
+        if self.main:
+            save_checkpoint(self.checkpoint_path, self._state())
+
+    def _check_finite(self) -> None:
+        bad = float(self._first_bad)
+        if math.isfinite(bad):
+            last = f"last good checkpoint: {self.checkpoint_path}" \
+                if self.checkpoint_path and self.checkpoint_path.exists() else "no checkpoint yet"
+            raise UserError(f"the loss became NaN or infinite at iteration {int(bad)}; {last}")
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best_top1 = state.get("best_top1", 0.0)
         if self.position >= self.steps_per_epoch:
@@ -173,8 +294,42 @@ class Trainer:
         self.log(f"resumed from {state['path']} at epoch {self.epoch}, batch {self.position} "
                  f"(iteration {self.step})")
 
+    def _truncate_logs(self, state: dict) -> None:
+        """Drop log lines written after the checkpoint (by a run that was then killed)."""
+        done = self.epoch  # epochs completed at the checkpoint
+        for path, keep in ((self.metrics_path, lambda r: r["epoch"] <= done),
+                           (self.log_path, lambda r: r["step"] <= state["step"])):
+            if path.exists():
+                rows = [ln for ln in path.read_text().splitlines()
+                        if ln.strip() and keep(json.loads(ln))]
+                path.write_text("".join(r + "\n" for r in rows))
+
+    # --- signals -------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self._signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._signal = signum
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([float(self._signal is not None)], device=self.device)
+        return bool(distributed.all_reduce_sum(flag).item() > 0) if self.dist.enabled \
+            else self._signal is not None
+
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
+        handlers = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: no handlers, no signal-safe stop
+            handlers = {}
+        try:
+            return self._fit()
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         last: dict = {}
         if self.epoch >= cfg.train.epochs:
@@ -185,15 +340,21 @@ class Trainer:
                                                 or self.epoch + 1 == cfg.train.epochs):
                 record.update(evaluate(self.model, self.val_loader, self.eval_criterion,
                                        self.autocast, self.progress))
+                if self.ema is not None:
+                    record.update(evaluate(self.ema.module, self.val_loader,
+                                           self.eval_criterion, self.autocast, self.progress,
+                                           prefix="ema"))
                 self.best_top1 = max(self.best_top1, record["val_top1"])
+                ema = f", EMA top-1 {100 * record['ema_top1']:.2f}%" if self.ema else ""
                 self.log(f"epoch {self.epoch + 1}/{cfg.train.epochs}: "
                          f"val top-1 {100 * record['val_top1']:.2f}%, "
-                         f"top-5 {100 * record['val_top5']:.2f}%, "
+                         f"top-5 {100 * record['val_top5']:.2f}%{ema}, "
                          f"train loss {record['train_loss']:.4f}, "
                          f"{record['images_per_s']:.0f} img/s, "
                          f"data wait {100 * record['data_wait']:.0f}%")
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if self.main:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             self.position = self.steps_per_epoch
             self.save()
             self.epoch, self.position = self.epoch + 1, 0
@@ -201,52 +362,85 @@ class Trainer:
         return last
 
     def train_epoch(self) -> dict:
-        cfg, loader, model = self.cfg, self.train_loader, self.model
-        model.train()
+        cfg, loader = self.cfg, self.train_loader
+        t = cfg.train
+        self.net.train()
+        size = progressive_size(cfg.data.progressive, self.epoch, cfg.data.image_size)
+        loader.set_image_size(size)
         loader.set_epoch(self.epoch, self.position)
-        loader.set_mix(self.epoch < cfg.train.epochs - cfg.mix.off_last_epochs)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = labelled = 0
+        loader.set_mix(self.epoch < t.epochs - cfg.mix.off_last_epochs)
+        dev = self.device
+        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        window = torch.zeros((), device=dev, dtype=torch.float64)
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        seen = labelled = in_window = 0
         wait0, t0 = loader.wait_time, time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, initial=self.position, leave=False,
-                   desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", unit="it",
+                   desc=f"epoch {self.epoch + 1}/{t.epochs} ({size}px)", unit="it",
                    disable=not self.progress, mininterval=1.0)
         for images, targets in loader:
             self.step += 1
             lr = self.lr(self.step)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-            loss, logits = train_step(model, images, targets, self.criterion, self.optimizer,
-                                      self.scaler, self.autocast)
+            loss, logits = train_step(self.net, images, targets, self.criterion, self.optimizer,
+                                      self.scaler, self.autocast, t.accumulate, self.teacher)
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             self.position = loader.position
+            self._first_bad = torch.minimum(self._first_bad, torch.where(
+                torch.isfinite(loss), math.inf, float(self.step)))
             loss_sum += loss.double() * len(images)
+            window += loss.double()
             seen += len(images)
+            in_window += 1
             if targets.ndim == 1:
                 correct += accuracy_counts(logits, targets, ks=(1,))[0]
                 labelled += len(images)
             bar.update()
-            if self.step % cfg.train.log_every == 0:
-                mean_loss = loss_sum.item() / seen  # the one host sync, every log_every steps
-                if not math.isfinite(mean_loss):
-                    raise UserError(f"loss became {mean_loss} at iteration {self.step}; "
-                                    f"last good checkpoint: {self.checkpoint_path}")
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}",
-                                img_s=f"{seen / elapsed:.0f}",
-                                wait=f"{100 * (loader.wait_time - wait0) / elapsed:.0f}%")
-            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 \
+            if self.step % t.log_every == 0:
+                self._log_window(window, in_window, lr, bar, seen, loader.wait_time - wait0, t0)
+                window.zero_()
+                in_window = 0
+                if self._stop_requested():
+                    self._stop()
+            elif not self.dist.enabled and self._signal is not None:
+                self._stop()
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 \
                     and self.position < self.steps_per_epoch:
                 self.save()
         bar.close()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         elapsed = time.perf_counter() - t0
+        self._check_finite()
+        totals = distributed.all_reduce_sum(torch.stack([
+            loss_sum, torch.tensor(float(seen), device=dev, dtype=torch.float64),
+            correct.double(), torch.tensor(float(labelled), device=dev, dtype=torch.float64)]))
+        loss_total, seen_all, correct_all, labelled_all = totals.tolist()
         return {"epoch": self.epoch + 1, "step": self.step, "lr": self.lr(self.step),
-                "train_loss": loss_sum.item() / max(seen, 1),
-                "train_top1": correct.item() / labelled if labelled else None,
-                "images_per_s": seen / elapsed, "data_wait": (loader.wait_time - wait0) / elapsed,
-                "epoch_time_s": elapsed}
+                "image_size": size, "train_loss": loss_total / max(seen_all, 1),
+                "train_top1": correct_all / labelled_all if labelled_all else None,
+                "images_per_s": seen_all / elapsed,
+                "data_wait": (loader.wait_time - wait0) / elapsed, "epoch_time_s": elapsed}
+
+    def _log_window(self, window, steps, lr, bar, seen, waited, t0) -> None:
+        """The one host sync every ``log_every`` steps: the mean loss of the window."""
+        mean = float(distributed.all_reduce_sum(window.clone())) / (steps *
+                                                                     self.dist.world_size)
+        self._check_finite()
+        if self.main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": self.step, "epoch": self.epoch + 1, "lr": lr,
+                                    "loss": mean}) + "\n")
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.3g}",
+                        img_s=f"{seen * self.dist.world_size / elapsed:.0f}",
+                        wait=f"{100 * waited / elapsed:.0f}%")
+
+    def _stop(self) -> None:
+        self.save()
+        raise Stopped(self._signal or signal.SIGTERM, self.checkpoint_path)
 
     def close(self) -> None:
         self.train_loader.close()
