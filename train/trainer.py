@@ -131,7 +131,8 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
                 logits = model(x)
                 if teacher is not None:
                     with torch.no_grad():
-                        loss = criterion(logits, t, teacher(x))
+                        teacher_logits = teacher(x)
+                    loss = criterion(logits, t, teacher_logits)
                 else:
                     loss = criterion(logits, t)
             scaler.scale(loss / accumulate).backward()
