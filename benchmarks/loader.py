@@ -10,6 +10,7 @@ same worker count, and are timed per epoch after one warm-up epoch; the median i
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import sys
 from pathlib import Path
 
@@ -25,21 +26,32 @@ from train.data import cache_dir
 from .results import Timer, entry, write_results
 
 
-def make_jpegs(root: Path, count: int, seed: int = 0, classes: int = 8) -> Path:
+def _make_jpeg(args: tuple[Path, int, int, int]) -> None:
+    root, i, seed, classes = args
+    rng = np.random.default_rng((seed, i))
+    w, h = int(rng.integers(400, 501)), int(rng.integers(300, 401))
+    low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
+    noise = rng.normal(0, 12, (h, w, 3))
+    arr = np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8)
+    folder = root / f"class{i % classes}"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def make_jpegs(root: Path, count: int, seed: int = 0, classes: int = 8,
+               workers: int = 1) -> Path:
     """``count`` smooth, photo-like JPEGs of 400–500 × 300–400 px (≈ ImageNet's typical size)."""
     done = root / ".complete"
     if done.is_file():
         return root
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        w, h = int(rng.integers(400, 501)), int(rng.integers(300, 401))
-        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
-        noise = rng.normal(0, 12, (h, w, 3))
-        arr = np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8)
-        folder = root / f"class{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr).save(folder / f"{i:06d}.jpg", quality=90)
+    jobs = [(root, i, seed, classes) for i in range(count)]
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            pool.map(_make_jpeg, jobs, chunksize=64)
+    else:
+        for job in jobs:
+            _make_jpeg(job)
     done.touch()
     return root
 
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         tree = _subset_tree(Path(args.data), work / f"subset-{Path(args.data).name}-{args.images}",
                             args.images)
     else:
-        tree = make_jpegs(work / f"jpegs-{args.images}", args.images)
+        tree = make_jpegs(work / f"jpegs-{args.images}", args.images, workers=max(1, args.workers))
     records = work / f"records-{tree.name}"
     if not (records / "classes.json").is_file():
         convert(tree, records, workers=args.workers, progress=False)

@@ -13,6 +13,7 @@ import torch
 from train.rundir import device_name, environment
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's training set
 
 
 def device_slug(device: torch.device) -> str:

@@ -54,6 +54,24 @@ for _depth, (_block, _) in _DEPTHS.items():
         register(f"resnet{_depth}{_suffix}", _resnet_factory(_depth, _stem, _avg, _s3))
 
 
+# torchvision's other families for the throughput tables (their own architectures and init)
+def _torchvision(builder: str, input_size: int = 224, **fixed):
+    def build(num_classes: int = 1000, **_ignored) -> nn.Module:
+        import torchvision
+        return getattr(torchvision.models, builder)(num_classes=num_classes, **fixed)
+    build.input_size = input_size
+    return build
+
+
+register("inception_v3", _torchvision("inception_v3", 299, aux_logits=False, init_weights=True))
+register("mobilenet_v2", _torchvision("mobilenet_v2"))
+
+
+def default_input_size(name: str) -> int:
+    """The side a model is trained at (299 for Inception-V3, else 224)."""
+    return getattr(_REGISTRY.get(name), "input_size", 224)
+
+
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -18,7 +18,8 @@ def test_forward_macs_match_table5(name):
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_builds_and_trains_a_step(name):
     model = create_model(name, num_classes=7, width=8)
-    x = torch.randn(2, 3, 64, 64)
+    side = 80 if name == "inception_v3" else 64  # Inception-V3 needs at least 75 px
+    x = torch.randn(2, 3, side, side)
     out = model(x)
     assert out.shape == (2, 7)
     out.sum().backward()

@@ -34,6 +34,11 @@ def get_parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=int, default=16, help="samples to show")
     s.add_argument("--epoch", type=int, default=0, help="which epoch's draw to show")
 
+    b = sub.add_parser("bench", help="benchmarks: train (Table 3), models (Table 5), loader, "
+                       "augment; `tricks bench NAME --help` for each")
+    b.add_argument("name", choices=["train", "models", "loader", "augment"])
+    b.add_argument("args", nargs=argparse.REMAINDER)
+
     e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's validation split")
     e.add_argument("checkpoint")
     e.add_argument("data", help="converted folder or ImageFolder tree")
@@ -126,6 +131,13 @@ def cmd_show_batch(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import importlib
+    module = {"train": "throughput", "models": "model_table", "loader": "loader",
+              "augment": "augment"}[args.name]
+    return importlib.import_module(f"benchmarks.{module}").main(args.args)
+
+
 def cmd_eval(args) -> int:
     from contextlib import nullcontext
 
@@ -191,7 +203,7 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert,
-               "show-batch": cmd_show_batch}[args.command]
+               "show-batch": cmd_show_batch, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -98,6 +98,7 @@ class OptimConfig:
     gamma: float = 1e-3              # AdaBound: how fast the bounds close
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    fused: bool = False              # SGD: one fused kernel for the whole update
 
 
 @dataclass
@@ -120,6 +121,7 @@ class TrainConfig:
     accumulate: int = 1              # micro-batches per optimizer step (batch stays the total)
     sync_bn: bool = False            # SyncBatchNorm across GPUs (CUDA only)
     ema_decay: float = 0.0           # EMA of the weights, evaluated beside them; 0: off
+    compile: bool = False            # torch.compile the model (first steps are slow)
     checkpoint_every: int = 0        # iterations between mid-epoch checkpoints; 0: epoch ends only
     log_every: int = 20              # iterations between reading metrics back from the device
     eval_every: int = 1              # epochs

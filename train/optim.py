@@ -24,10 +24,11 @@ def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> 
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.9,
                     nesterov: bool = True, weight_decay: float = 0.0, no_bias_decay: bool = False,
                     final_lr: float = 0.1, gamma: float = 1e-3, betas=(0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.Optimizer:
+                    eps: float = 1e-8, fused: bool = False) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay, no_bias_decay)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
+                               fused=True if fused else None)
     if name in ("adabound", "amsbound"):
         return AdaBound(groups, lr=lr, betas=tuple(betas), final_lr=final_lr, gamma=gamma,
                         eps=eps, amsbound=name == "amsbound")

@@ -210,6 +210,8 @@ class Trainer:
         if self.dist.enabled:
             self.net = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.net = torch.compile(self.net)
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay),
                                   use_buffers=True) if t.ema_decay else None)
         self.teacher = None
@@ -225,7 +227,7 @@ class Trainer:
         self.peak_lr = scaled_lr(o.lr, t.batch, o.lr_scaling)
         self.optimizer = build_optimizer(model, o.name, self.peak_lr, o.momentum, o.nesterov,
                                          o.weight_decay, o.no_bias_decay, o.final_lr, o.gamma,
-                                         o.betas, o.eps)
+                                         o.betas, o.eps, o.fused)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                          if t.precision != "fp32" else nullcontext())

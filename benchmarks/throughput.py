@@ -1,0 +1,208 @@
+"""Training throughput, as in the paper's Table 3: baseline (batch 256, FP32) against efficient
+(batch 1024, FP16 + channels-last, linear-scaled LR with warmup), per model, with synthetic
+input on the device and, with ``--data``, fed by a real engine.
+
+Every timed step is the trainer's own ``train_step`` (same loss, optimizer, scaler, autocast).
+Each configuration warms up (absorbing cuDNN autotuning and compilation), then runs several
+windows of steps between device synchronizations; images/s per window are kept, the median is
+reported. Results: JSON (raw windows), a Markdown table and a PNG bar chart under
+``benchmarks/results/<device>/``.
+
+    tricks bench train                                   # the five models of Table 3
+    tricks bench train --models resnet50d --data /data/imagenet-rec --compile
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from models import create_model, default_input_size, list_models
+from pipeline import Loader
+from train.loss import SoftTargetCrossEntropy
+from train.optim import build_optimizer
+from train.schedule import lr_at, scaled_lr
+from train.rundir import device_name
+from train.trainer import train_step
+
+from .report import summarize, write_chart, write_markdown
+from .results import IMAGENET_TRAIN, Timer, entry, write_results
+
+DEFAULT_MODELS = "resnet50,resnet50d,inception_v3,mobilenet_v2,resnet18"
+
+
+def _precision(name: str, device: torch.device) -> str:
+    # FP16 autocast needs CUDA; the efficient mode falls back to BF16 on the CPU (stated)
+    return "bf16" if name == "fp16" and device.type != "cuda" else name
+
+
+def _batches(args, model_name, device, dtype, channels_last, batch, size):
+    """An endless iterator of (images, labels): one synthetic batch, or a real engine's."""
+    if args.input == "synthetic":
+        g = torch.Generator(device).manual_seed(0)
+        x = torch.randn(batch, 3, size, size, device=device, generator=g).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (batch,), device=device, generator=g)
+        while True:
+            yield x, y
+    loader = Loader(args.data, "train", batch, image_size=size, device=device, dtype=dtype,
+                    channels_last=channels_last, engine=args.input, workers=args.workers)
+    try:
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+    finally:
+        loader.close()
+
+
+def run_config(args, model_name: str, mode: str, batch: int, device: torch.device) -> dict:
+    precision = _precision("fp32" if mode == "baseline" else
+                           ("bf16" if mode == "efficient-bf16" else "fp16"), device)
+    channels_last = mode != "baseline"
+    compiled = mode == "efficient-compile"
+    size = args.size or default_input_size(model_name)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    classes = 1000
+    model = create_model(model_name, num_classes=classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compiled else model
+    peak = scaled_lr(0.1, batch)
+    opt = build_optimizer(model, "sgd", peak, weight_decay=1e-4, no_bias_decay=mode != "baseline")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
+    criterion = SoftTargetCrossEntropy(classes)
+    warmup_steps = 5 * 100 if mode != "baseline" else 0  # a warmup, as the recipe has
+    data = _batches(args, model_name, device, dtype, channels_last, batch, size)
+    step = 0
+
+    def one():
+        nonlocal step
+        step += 1
+        lr = lr_at(step, peak=peak, total=10**6, warmup=warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = next(data)
+        train_step(net, x, y, criterion, opt, scaler, autocast)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    for _ in range(args.warmup):
+        one()
+    windows = []
+    for _ in range(args.windows):
+        with Timer(device) as t:
+            for _ in range(args.steps):
+                one()
+        windows.append(batch * args.steps / t.seconds)
+    data.close()
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    settings = {"model": model_name, "mode": mode, "input": args.input, "batch": batch,
+                "precision": precision, "channels_last": channels_last, "compile": compiled,
+                "image_size": size, "peak_memory_mb": peak_mb,
+                "tf32": bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None}
+    e = entry(f"{model_name} {mode} {args.input}", settings, windows)
+    e["imagenet_epoch_minutes"] = IMAGENET_TRAIN / e["median"] / 60
+    return e
+
+
+def fit_batch(args, model_name, mode, batch, device) -> dict:
+    """Run at ``batch``; on CUDA out-of-memory, halve it (the largest power of two that fits)."""
+    while True:
+        try:
+            return run_config(args, model_name, mode, batch, device)
+        except torch.cuda.OutOfMemoryError:
+            if batch <= 1:
+                raise
+            torch.cuda.empty_cache()
+            batch //= 2
+            print(f"  {model_name} {mode}: out of memory, retrying at batch {batch}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tricks bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=DEFAULT_MODELS)
+    p.add_argument("--baseline-batch", type=int, default=None, help="default 256 (CPU: 8)")
+    p.add_argument("--efficient-batch", type=int, default=None, help="default 1024 (CPU: 16)")
+    p.add_argument("--compile", action="store_true", help="also efficient + torch.compile")
+    p.add_argument("--bf16", action="store_true", help="also efficient with BF16")
+    p.add_argument("--strict-fp32", action="store_true",
+                   help="no TF32 in the baseline's convolutions and matmuls")
+    p.add_argument("--data", help="a converted dataset: also time the real loader(s)")
+    p.add_argument("--engines", default="native", help="engines for --data, comma-separated")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--size", type=int, default=None, help="input side (default: the model's)")
+    p.add_argument("--warmup", type=int, default=None, help="steps (default 10; CPU: 1)")
+    p.add_argument("--windows", type=int, default=None, help="timed windows (default 5; CPU 3)")
+    p.add_argument("--steps", type=int, default=None, help="steps per window (default 10; CPU 2)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="results folder (default: benchmarks/results/<device>/)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    cuda = device.type == "cuda"
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in list_models()]
+    if unknown:
+        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}",
+              file=sys.stderr)
+        return 1
+    if args.strict_fp32 and cuda:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    args.windows = args.windows or (5 if cuda else 3)
+    args.steps = args.steps or (10 if cuda else 2)
+    batches = {"baseline": args.baseline_batch or (256 if cuda else 8),
+               "efficient": args.efficient_batch or (1024 if cuda else 16)}
+    modes = ["baseline", "efficient"] + (["efficient-compile"] if args.compile else []) + \
+        (["efficient-bf16"] if args.bf16 else [])
+    inputs = ["synthetic"] + ([e.strip() for e in args.engines.split(",")] if args.data else [])
+    if args.data and not Path(args.data).is_dir():
+        print(f"error: no such dataset folder: {args.data}", file=sys.stderr)
+        return 1
+    entries = []
+    for model_name in models:
+        for inp in inputs:
+            args.input = inp
+            for mode in modes:
+                e = fit_batch(args, model_name, mode,
+                              batches["baseline" if mode == "baseline" else "efficient"], device)
+                entries.append(e)
+                s = e["settings"]
+                print(f"{model_name:14s} {mode:18s} {inp:10s} batch {s['batch']:5d} "
+                      f"{s['precision']}: {e['median']:9.1f} images/s "
+                      f"({e['imagenet_epoch_minutes']:.1f} min per ImageNet epoch)")
+                if cuda:
+                    torch.cuda.empty_cache()
+    settings = {"models": models, "modes": modes, "inputs": inputs, "warmup_steps": args.warmup,
+                "windows": args.windows, "steps_per_window": args.steps,
+                "strict_fp32": args.strict_fp32, "data": args.data,
+                "tf32_default_note": "baseline: torch defaults (cuDNN may use TF32 for "
+                                     "convolutions)" if not args.strict_fp32 else "TF32 off"}
+    path = write_results("train", device, settings, entries, args.out)
+    doc_summary = summarize(entries)
+    title = f"Training throughput on {device_name(device)}, torch {torch.__version__}"
+    md = write_markdown(path, doc_summary, title)
+    png = write_chart(path, doc_summary, title)
+    for row in doc_summary["rows"]:
+        if row["ratio"] is not None:
+            print(f"{row['model']} ({row['input']}): efficient / baseline = {row['ratio']:.2f}×")
+    print(f"results: {path}\ntable:   {md}\nchart:   {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
