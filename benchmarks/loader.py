@@ -1,4 +1,4 @@
-"""Loader throughput: the native engine against torchvision ImageFolder + DataLoader.
+"""Loader throughput: the native and DALI engines against torchvision ImageFolder + DataLoader.
 
 Both read the same JPEGs (the records hold the tree's bytes unchanged), make the same training
 batches (random-resized crop + flip, uint8 → normalized, channels-last, on the device) with the
@@ -77,9 +77,21 @@ def _subset_tree(src: Path, dst: Path, count: int) -> Path:
     return dst
 
 
-def bench_native(records: Path, args, device, dtype) -> list[float]:
+def trick_stack():
+    """The full trick stack of the target: jitter, lighting, erasing (augment) and mixup."""
+    from pipeline.augment import ColorJitter, Lighting, RandomErasing
+    from pipeline.mix import Mixup
+    return dict(augment=[ColorJitter(), Lighting(), RandomErasing()], mix=Mixup())
+
+
+def bench_engine(records: Path, args, device, dtype, engine: str, options: dict,
+                 stack: bool) -> tuple[list[float], dict]:
     loader = Loader(records, "train", args.batch, image_size=args.size, device=device,
-                    dtype=dtype, workers=args.workers, decode=args.decode, seed=0)
+                    dtype=dtype, workers=args.workers, decode=args.decode if engine == "native"
+                    else "auto", seed=0, engine=engine, engine_options=options,
+                    **(trick_stack() if stack else {}))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     windows = []
     for epoch in range(args.runs + 1):
         loader.set_epoch(epoch)
@@ -89,8 +101,13 @@ def bench_native(records: Path, args, device, dtype) -> list[float]:
                 n += len(images)
         if epoch:  # the first epoch warms up workers and caches
             windows.append(n / t.seconds)
+    memory = {}
+    if device.type == "cuda":  # torch's peak, and the whole device's use (DALI's pools too)
+        free, total = torch.cuda.mem_get_info(device)
+        memory = {"torch_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                  "device_used_mb": (total - free) / 2**20}
     loader.close()
-    return windows
+    return windows, memory
 
 
 def bench_torchvision(tree: Path, args, device, dtype) -> list[float]:
@@ -120,6 +137,14 @@ def bench_torchvision(tree: Path, args, device, dtype) -> list[float]:
     return windows
 
 
+def _have_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,7 +157,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", default="auto", help="native engine decode mode")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
-    p.add_argument("--engines", default="native,torchvision")
+    p.add_argument("--engines", default=None,
+                   help="comma-separated: native, dali, dali-files, torchvision (default: all "
+                        "that are installed)")
+    p.add_argument("--stack", action="store_true",
+                   help="also run native and DALI with jitter + lighting + erasing + mixup")
     p.add_argument("--out", help="results folder (default: benchmarks/results/<device>/)")
     return p
 
@@ -157,19 +186,32 @@ def main(argv: list[str] | None = None) -> int:
                 "workers": args.workers, "dtype": str(dtype).replace("torch.", ""),
                 "data": args.data or "generated ~450 px JPEGs, quality 90",
                 "warmup_epochs": 1, "timed_epochs": args.runs}
-    for name in args.engines.split(","):
+    engines = args.engines.split(",") if args.engines else \
+        ["native"] + (["dali", "dali-files"] if _have_dali() else []) + ["torchvision"]
+    runs = [(e, False) for e in engines] + \
+        [(e, True) for e in engines if args.stack and e != "torchvision"]
+    for name, stack in runs:
+        label = name + ("+stack" if stack else "")
+        memory: dict = {}
         if name == "native":
-            windows = bench_native(records, args, device, dtype)
+            windows, memory = bench_engine(records, args, device, dtype, "native", {}, stack)
             extra = {"decode": args.decode if args.decode != "auto" else
                      ("device" if device.type == "cuda" else "workers")}
+        elif name in ("dali", "dali-files"):
+            source = "files" if name == "dali-files" else "records"
+            windows, memory = bench_engine(records, args, device, dtype, "dali",
+                                           {"source": source}, stack)
+            extra = {"source": source, "threads": args.workers}
         elif name == "torchvision":
             windows = bench_torchvision(tree, args, device, dtype)
             extra = {"pipeline": "ImageFolder + DataLoader, v2 RandomResizedCrop + flip (PIL)"}
         else:
-            print(f"error: unknown engine {name!r}; choose native, torchvision", file=sys.stderr)
+            print(f"error: unknown engine {name!r}; choose native, dali, dali-files, "
+                  "torchvision", file=sys.stderr)
             return 1
-        entries.append(entry(name, extra, windows))
-        print(f"{name:12s} median {entries[-1]['median']:8.0f} images/s  "
+        extra.update(memory, stack="jitter+lighting+erasing+mixup" if stack else None)
+        entries.append(entry(label, extra, windows))
+        print(f"{label:18s} median {entries[-1]['median']:8.0f} images/s  "
               f"(windows: {', '.join(f'{w:.0f}' for w in windows)})")
     path = write_results("loader", device, settings, entries, args.out)
     print(f"results: {path}")

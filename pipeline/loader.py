@@ -48,7 +48,8 @@ class Loader:
             resize + centre crop, in order, every sample once. Defaults to ``split == "train"``.
         image_size: output side in pixels; ``set_image_size`` changes it between epochs.
         device, dtype, channels_last: where and how images arrive.
-        engine, decode, workers: which decode engine, and its decode mode and worker count.
+        engine, decode, workers: which decode engine ("native", "dali"), its decode mode and
+            worker count (DALI: its threads); ``engine_options`` are the engine's own knobs.
         seed, rank, world_size: the random key and the shard.
         augment, mix: the ops of the augment and mix stages (see ``pipeline.stages``).
     """
@@ -62,7 +63,8 @@ class Loader:
                  scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), crop_ratio: float = 0.875,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 augment: Sequence[AugmentOp] = (), mix: MixOp | None = None):
+                 augment: Sequence[AugmentOp] = (), mix: MixOp | None = None,
+                 engine_options: dict | None = None):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"no such dataset folder: {root}")
@@ -87,7 +89,8 @@ class Loader:
         self.image_size = image_size
         self.engine = engine_class(engine)(
             self.records, device=self.device, decode=decode,
-            workers=default_workers() if workers is None else workers, prefetch=prefetch)
+            workers=default_workers() if workers is None else workers, prefetch=prefetch,
+            plan=self.plan, **(engine_options or {}))
         self.stages = Stages(dtype, len(self.classes), augment, mix, mean, std, channels_last)
         self.seed, self.rank = seed, rank
         self.epoch, self.start_batch = 0, 0

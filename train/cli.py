@@ -166,7 +166,8 @@ def cmd_eval(args) -> int:
     loader = Loader(root, split, args.batch or cfg.train.batch, train=False,
                     image_size=d.val_image_size or d.image_size, crop_ratio=d.crop_ratio,
                     device=device, dtype=dtype, channels_last=cfg.train.channels_last,
-                    engine=d.engine, decode=d.decode, workers=args.workers)
+                    engine=d.engine, decode=d.decode, workers=args.workers,
+                    engine_options=d.engine_options)
     if loader.classes != state.get("classes", loader.classes):
         raise UserError(f"{root}: its class list differs from the checkpoint's")
     cfg.model.weights = None

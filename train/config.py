@@ -24,7 +24,9 @@ class DataConfig:
     path: str | None = None          # converted folder or ImageFolder tree; None: embedded demo
     train_split: str = "train"
     val_split: str | None = None     # None: the first of val, validation, test that exists
-    engine: str = "native"
+    engine: str = "native"           # native | dali
+    engine_options: dict = field(default_factory=dict)  # the engine's own knobs (DALI: source,
+    #                                  hw_decoder_load, dont_use_mmap, initial_fill)
     decode: str = "auto"             # auto | workers (CPU processes) | device (nvJPEG on CUDA)
     workers: int | None = None       # decode processes; None: one per core, at most 16
     prefetch: int = 2                # batches prepared ahead
@@ -164,6 +166,8 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
             if not value.is_integer():
                 raise ConfigError(f"{key} must be an integer, got {value!r}")
             value = int(value)
+    elif isinstance(default, dict) and not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
     elif isinstance(default, list) and not isinstance(value, list):
         raise ConfigError(f"{key} must be a list, got {value!r}")
     elif isinstance(default, str) and not isinstance(value, str):

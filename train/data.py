@@ -93,7 +93,8 @@ def make_loaders(cfg: Config, root: Path, device: torch.device, dtype: torch.dty
     d = cfg.data
     common = dict(device=device, dtype=dtype, channels_last=cfg.train.channels_last,
                   engine=d.engine, decode=d.decode, workers=d.workers, prefetch=d.prefetch,
-                  seed=cfg.train.seed, rank=rank, world_size=world_size)
+                  seed=cfg.train.seed, rank=rank, world_size=world_size,
+                  engine_options=d.engine_options)
     augment, mix = build_ops(cfg)
     train = Loader(root, d.train_split, cfg.train.batch, train=True, image_size=d.image_size,
                    scale=tuple(d.scale), ratio=tuple(d.ratio), augment=augment, mix=mix,

@@ -10,6 +10,7 @@ from typing import Iterable, Iterator, Protocol
 
 import torch
 
+from ..errors import OptionError
 from ..sampling import BatchTask
 
 
@@ -38,7 +39,7 @@ def register_engine(name: str):
 
 
 def engine_class(name: str) -> type:
-    from . import native  # noqa: F401  (registers the built-in engine)
+    from . import dali, native  # noqa: F401  (registers the engines; DALI is imported lazily)
     if name not in _ENGINES:
-        raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(_ENGINES))}")
+        raise OptionError(f"unknown engine {name!r}; available: {', '.join(sorted(_ENGINES))}")
     return _ENGINES[name]

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from ..errors import DataError
+from ..errors import DataError, OptionError
 from ..records import RecordFile
 from ..sampling import BatchTask
 from .base import register_engine
@@ -123,7 +123,10 @@ _END = object()
 @register_engine("native")
 class NativeEngine:
     def __init__(self, records: RecordFile, device: torch.device | str = "cpu",
-                 decode: str = "auto", workers: int = 2, prefetch: int = 2):
+                 decode: str = "auto", workers: int = 2, prefetch: int = 2, plan=None,
+                 **options):
+        if options:
+            raise OptionError(f"the native engine has no option(s) {', '.join(options)}")
         self.records = records
         self.device = torch.device(device)
         if decode == "auto":
