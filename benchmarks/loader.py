@@ -1,4 +1,5 @@
-"""Loader throughput: the native and DALI engines against torchvision ImageFolder + DataLoader.
+"""Loader throughput: the native, DALI and FFCV engines against torchvision ImageFolder +
+DataLoader.
 
 Both read the same JPEGs (the records hold the tree's bytes unchanged), make the same training
 batches (random-resized crop + flip, uint8 → normalized, channels-last, on the device) with the
@@ -137,11 +138,11 @@ def bench_torchvision(tree: Path, args, device, dtype) -> list[float]:
     return windows
 
 
-def _have_dali() -> bool:
+def _installed(module: str) -> bool:
+    import importlib.util
     try:
-        import nvidia.dali  # noqa: F401
-        return True
-    except ImportError:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
         return False
 
 
@@ -158,8 +159,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
     p.add_argument("--engines", default=None,
-                   help="comma-separated: native, dali, dali-files, torchvision (default: all "
-                        "that are installed)")
+                   help="comma-separated: native, dali, dali-files, ffcv, torchvision "
+                        "(default: all that are installed)")
     p.add_argument("--stack", action="store_true",
                    help="also run native and DALI with jitter + lighting + erasing + mixup")
     p.add_argument("--out", help="results folder (default: benchmarks/results/<device>/)")
@@ -187,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                 "data": args.data or "generated ~450 px JPEGs, quality 90",
                 "warmup_epochs": 1, "timed_epochs": args.runs}
     engines = args.engines.split(",") if args.engines else \
-        ["native"] + (["dali", "dali-files"] if _have_dali() else []) + ["torchvision"]
+        ["native"] + (["dali", "dali-files"] if _installed("nvidia.dali") else []) + \
+        (["ffcv"] if _installed("ffcv") else []) + ["torchvision"]
+    if "ffcv" in engines and not (records / "train.beton").is_file():
+        from pipeline.beton import write_beton  # before any FFCV loader exists in this process
+        write_beton(records / "train.rec", workers=max(1, args.workers), jpeg_quality=90)
     runs = [(e, False) for e in engines] + \
         [(e, True) for e in engines if args.stack and e != "torchvision"]
     for name, stack in runs:
@@ -202,11 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             windows, memory = bench_engine(records, args, device, dtype, "dali",
                                            {"source": source}, stack)
             extra = {"source": source, "threads": args.workers}
+        elif name == "ffcv":
+            windows, memory = bench_engine(records, args, device, dtype, "ffcv", {}, stack)
+            extra = {"storage": ".beton, jpg mode, quality 90 (from the same records)",
+                     "workers": args.workers, "note": "first epoch (numba compile) untimed"}
         elif name == "torchvision":
             windows = bench_torchvision(tree, args, device, dtype)
             extra = {"pipeline": "ImageFolder + DataLoader, v2 RandomResizedCrop + flip (PIL)"}
         else:
-            print(f"error: unknown engine {name!r}; choose native, dali, dali-files, "
+            print(f"error: unknown engine {name!r}; choose native, dali, dali-files, ffcv, "
                   "torchvision", file=sys.stderr)
             return 1
         extra.update(memory, stack="jitter+lighting+erasing+mixup" if stack else None)

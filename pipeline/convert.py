@@ -181,9 +181,11 @@ def _work(args: tuple[str, int | None, int]) -> Encoded:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_side: int | None = None,
             quality: int = 90, workers: int | None = None, strict: bool = False,
-            val_labels: str | os.PathLike | None = None, progress: bool = True) -> dict:
+            val_labels: str | os.PathLike | None = None, progress: bool = True,
+            beton: dict | None = None) -> dict:
     """Convert ``src`` into record files under ``dst``; returns the report (also written to
-    ``dst/report.json``)."""
+    ``dst/report.json``). With ``beton`` (FFCV writer options, possibly empty), also write
+    ``dst/<split>.beton`` from the validated records."""
     splits, classes = discover(src, val_labels)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -225,6 +227,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_side: int | N
         if pool:
             pool.terminate()
     (dst / CLASSES_FILE).write_text(json.dumps({"classes": classes}, indent=1))
+    if beton is not None:
+        from .beton import write_beton
+        for split in splits:
+            path = write_beton(split_path(dst, split.name), workers=workers or 1, **beton)
+            report["splits"][split.name]["beton"] = str(path)
     (dst / "report.json").write_text(json.dumps(report, indent=1))
     return report
 

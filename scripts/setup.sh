@@ -1,22 +1,41 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a .venv in the repository with the project installed (editable) at the
-# versions pinned in constraints.txt. Installs python3-venv with apt when it is missing.
+# versions pinned in constraints.txt, with the DALI extra and, when its build needs can be had
+# from apt, the FFCV extra. Installs python3-venv and FFCV's apt packages when missing.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 py=${PYTHON:-python3}
+sudo_=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo_="sudo -n"
+can_apt() { [ "$(id -u)" -eq 0 ] || [ -n "$sudo_" ]; }
+apt_install() {
+  echo "setup: apt-get install $*" >&2
+  $sudo_ apt-get update -q >/dev/null
+  $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" \
+    >/dev/null
+}
 if [ ! -x .venv/bin/python ]; then
-  if ! "$py" -m venv --help >/dev/null 2>&1 || ! "$py" -c 'import ensurepip' 2>/dev/null; then
-    echo "setup: installing python3-venv with apt" >&2
-    sudo_=""; [ "$(id -u)" -ne 0 ] && sudo_="sudo"
-    $sudo_ apt-get update -q && $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
+  if ! "$py" -c 'import ensurepip' 2>/dev/null; then
+    apt_install python3-venv
   fi
   "$py" -m venv .venv
 fi
+extras=test,dali
+if pkg-config --exists opencv4 libturbojpeg 2>/dev/null && command -v cc >/dev/null; then
+  extras=$extras,ffcv
+elif can_apt && apt_install pkg-config libopencv-dev libturbojpeg0-dev build-essential; then
+  extras=$extras,ffcv
+elif [ "${CI:-}" = true ]; then
+  echo "setup: FFCV's build needs (pkg-config libopencv-dev libturbojpeg0-dev) could not be installed" >&2
+  exit 1
+else
+  echo "setup: no root for apt: skipping FFCV (its tests will be skipped)" >&2
+fi
 stamp=.venv/.tricks-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  echo "setup: installing the project into .venv (first time: a few minutes)" >&2
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] \
+    || [ "$(cat "$stamp")" != "$extras" ]; then
+  echo "setup: installing the project [$extras] into .venv (first time: a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[test,dali]'
-  touch "$stamp"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
+  echo "$extras" > "$stamp"
 fi

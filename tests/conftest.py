@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.convert import convert
 from pipeline.synthetic import make_dataset
@@ -31,3 +32,39 @@ def shapes_records(shapes_tree, tmp_path_factory) -> Path:
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+STEP = 24  # colour levels between ids: survives JPEG, crop and resize
+
+
+def colour_of(i: int) -> tuple[int, int, int]:
+    return (16 + STEP * (i % 10), 16 + STEP * (i // 10 % 10), 16 + STEP * (i // 100))
+
+
+def ids_of(images: torch.Tensor) -> list[int]:
+    """Each constant-colour image's id, read back from its mean colour."""
+    m = images.float().mean(dim=(2, 3))
+    d = ((m - 16) / STEP).round().long()
+    return (d[:, 0] + 10 * d[:, 1] + 100 * d[:, 2]).tolist()
+
+
+@pytest.fixture(scope="session")
+def coloured(tmp_path_factory) -> tuple[Path, dict[int, int]]:
+    """37 train and 11 val images of 3 classes, each a unique constant colour; one broken file."""
+    root = tmp_path_factory.mktemp("dali") / "tree"
+    label_of = {}
+    k = 0
+    for split, n in (("train", 37), ("val", 11)):
+        for j in range(n):
+            cls = j % 3
+            folder = root / split / f"c{cls}"
+            folder.mkdir(parents=True, exist_ok=True)
+            size = (40 + j % 7 * 5, 30 + j % 5 * 6)
+            Image.new("RGB", size, colour_of(k)).save(folder / f"{k:03d}.jpg", quality=95)
+            label_of[k] = cls
+            k += 1
+    (root / "train" / "c1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path_factory.mktemp("dali-rec")
+    report = convert(root, out, workers=0, progress=False)
+    assert [s["path"].endswith("broken.jpg") for s in report["splits"]["train"]["skipped"]] == [True]
+    return out, label_of

@@ -1,54 +1,13 @@
 """The DALI engine on the CPU (device_id=None): exactly-once epochs by content, both sources."""
 import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from conftest import cuda  # noqa: E402
+from conftest import cuda, ids_of  # noqa: E402
 from pipeline import Loader  # noqa: E402
-from pipeline.convert import convert  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-
-STEP = 24  # colour levels between ids: survives JPEG, crop and resize
-
-
-def _colour(i: int) -> tuple[int, int, int]:
-    return (16 + STEP * (i % 10), 16 + STEP * (i // 10 % 10), 16 + STEP * (i // 100))
-
-
-def _ids(images: torch.Tensor) -> list[int]:
-    """Each constant-colour image's id, read back from its mean colour."""
-    m = images.float().mean(dim=(2, 3))
-    d = ((m - 16) / STEP).round().long()
-    return (d[:, 0] + 10 * d[:, 1] + 100 * d[:, 2]).tolist()
-
-
-@pytest.fixture(scope="module")
-def coloured(tmp_path_factory) -> tuple[Path, dict[int, int]]:
-    """37 train and 11 val images of 3 classes, each a unique constant colour; one broken file."""
-    root = tmp_path_factory.mktemp("dali") / "tree"
-    label_of = {}
-    k = 0
-    for split, n in (("train", 37), ("val", 11)):
-        for j in range(n):
-            cls = j % 3
-            folder = root / split / f"c{cls}"
-            folder.mkdir(parents=True, exist_ok=True)
-            size = (40 + j % 7 * 5, 30 + j % 5 * 6)
-            Image.new("RGB", size, _colour(k)).save(folder / f"{k:03d}.jpg", quality=95)
-            label_of[k] = cls
-            k += 1
-    (root / "train" / "c1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    out = tmp_path_factory.mktemp("dali-rec")
-    report = convert(root, out, workers=0, progress=False)
-    assert [s["path"].endswith("broken.jpg") for s in report["splits"]["train"]["skipped"]] == [True]
-    return out, label_of
-
 
 def _epoch(root, split, source, epoch=0, world=1, rank=0, batch=8, train=None, size=24):
     loader = Loader(root, split, batch, train=train, image_size=size, engine="dali",
@@ -70,7 +29,7 @@ def test_validation_epoch_has_every_sample_exactly_once(coloured, source, world)
     pairs = []
     for rank in range(world):
         for images, labels in _epoch(root, "val", source, world=world, rank=rank, train=False):
-            pairs += list(zip(_ids(images), labels.tolist()))
+            pairs += list(zip(ids_of(images), labels.tolist()))
     assert sorted(pairs) == sorted((k, label_of[k]) for k in range(37, 48))
 
 
@@ -83,7 +42,7 @@ def test_training_epoch_has_no_sample_twice_and_labels_match(coloured, source, w
         for images, labels in _epoch(root, "train", source, world=world, rank=rank,
                                      train=True):
             assert len(labels) == 8 // world  # full batches only (drop last)
-            pairs += list(zip(_ids(images), labels.tolist()))
+            pairs += list(zip(ids_of(images), labels.tolist()))
     ids = [i for i, _ in pairs]
     assert len(ids) == len(set(ids)) and len(ids) >= 32 - 8
     assert all(label_of[i] == lab for i, lab in pairs)
@@ -96,7 +55,7 @@ def test_both_sources_read_the_same_content(coloured):
     for source in ("records", "files"):
         pairs = set()
         for images, labels in _epoch(root, "val", source, train=False):
-            pairs |= set(zip(_ids(images), labels.tolist()))
+            pairs |= set(zip(ids_of(images), labels.tolist()))
         sets.append(pairs)
     assert sets[0] == sets[1] and len(sets[0]) == 11
 
@@ -116,10 +75,10 @@ def test_contract_determinism_and_reshuffle(coloured, source):
     orders = []
     for e in (0, 1):  # consecutive epochs of one loader: a new global order
         loader.set_epoch(e)
-        orders.append([i for b in loader for i in _ids(b.images.view(8, 3, 24, 24) * 0 + b.images)])
+        orders.append([i for b in loader for i in ids_of(b.images.view(8, 3, 24, 24) * 0 + b.images)])
     assert sorted(orders[0]) != orders[0] and orders[0] != orders[1]
     fresh = [[i for b in _epoch(root, "train", source, epoch=e, train=True)
-              for i in _ids(b[0])] for e in (0, 1)]
+              for i in ids_of(b[0])] for e in (0, 1)]
     assert fresh[0] != fresh[1]  # set_epoch is honoured by a new loader too
 
 
@@ -173,5 +132,5 @@ def test_mixed_decode_on_the_gpu(coloured):
     pairs = []
     for images, labels in _epoch(root, "val", "records", train=False):
         assert images.is_cuda
-        pairs += list(zip(_ids(images.cpu()), labels.tolist()))
+        pairs += list(zip(ids_of(images.cpu()), labels.tolist()))
     assert sorted(pairs) == sorted((k, label_of[k]) for k in range(37, 48))

@@ -55,6 +55,12 @@ def get_parser() -> argparse.ArgumentParser:
     c.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     c.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     c.add_argument("--strict", action="store_true", help="fail on the first unusable file")
+    c.add_argument("--format", choices=["records", "beton"], default="records",
+                   help="beton: also write FFCV .beton files (from the validated records)")
+    c.add_argument("--beton-mode", default="jpg", choices=["jpg", "raw", "proportion", "smart"],
+                   help="FFCV RGBImageField write_mode")
+    c.add_argument("--beton-max-resolution", type=int, default=None,
+                   help="FFCV max_resolution (longer side) of stored images")
     c.add_argument("--val-labels", default=None, metavar="FILE",
                    help="labels for a flat validation folder ('file class' lines or ImageNet's "
                         "LOC_val_solution.csv)")
@@ -186,8 +192,13 @@ def cmd_eval(args) -> int:
 
 def cmd_convert(args) -> int:
     from pipeline.convert import convert, format_report
+    beton = None
+    if args.format == "beton":
+        beton = dict(write_mode=args.beton_mode, max_resolution=args.beton_max_resolution,
+                     jpeg_quality=args.quality)
     report = convert(args.src, args.dst, max_side=args.max_side, quality=args.quality,
-                     workers=args.workers, strict=args.strict, val_labels=args.val_labels)
+                     workers=args.workers, strict=args.strict, val_labels=args.val_labels,
+                     beton=beton)
     print(format_report(report))
     return 0
 

@@ -39,7 +39,7 @@ def register_engine(name: str):
 
 
 def engine_class(name: str) -> type:
-    from . import dali, native  # noqa: F401  (registers the engines; DALI is imported lazily)
+    from . import dali, ffcv, native  # noqa: F401  (registers them; DALI, FFCV load lazily)
     if name not in _ENGINES:
         raise OptionError(f"unknown engine {name!r}; available: {', '.join(sorted(_ENGINES))}")
     return _ENGINES[name]

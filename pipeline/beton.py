@@ -1,0 +1,53 @@
+"""Writing FFCV ``.beton`` files from converted records, so FFCV reads the images that
+``tricks convert`` validated (a bad file is reported and left out instead of killing FFCV's
+writer), under the same class list. Run it in a process with no live FFCV Loader: the writer
+forks, and its children can deadlock on numba's lock otherwise."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import OptionError
+from .records import RecordFile
+
+
+class _RecordImages:
+    """Indexed dataset of (HWC uint8 image, label) over a record file, for FFCV's writer."""
+
+    def __init__(self, records: RecordFile):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        img = Image.open(io.BytesIO(self.records.raw(i).tobytes())).convert("RGB")
+        return np.asarray(img), int(self.records.index["label"][i])
+
+
+def write_beton(records_path: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                write_mode: str = "jpg", max_resolution: int | None = None,
+                jpeg_quality: int = 90, compress_probability: float = 0.5,
+                workers: int = 2) -> Path:
+    from .engines.ffcv import import_ffcv
+    fields, _, _, _ = import_ffcv()
+    from ffcv.writer import DatasetWriter  # after import_ffcv, which restores torch's threads
+
+    if write_mode not in ("jpg", "raw", "proportion", "smart"):
+        raise OptionError(f"beton write mode must be jpg, raw, proportion or smart, got "
+                          f"{write_mode!r}")
+    records = RecordFile(records_path)
+    out = Path(out) if out else records.path.with_suffix(".beton")
+    tmp = out.with_name(f".{out.name}.tmp")
+    image = fields.RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                                 jpeg_quality=jpeg_quality,
+                                 compress_probability=compress_probability)
+    writer = DatasetWriter(str(tmp), {"image": image, "label": fields.IntField()},
+                           num_workers=max(1, workers))
+    writer.from_indexed_dataset(_RecordImages(records))
+    os.replace(tmp, out)
+    return out

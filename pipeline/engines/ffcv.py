@@ -1,0 +1,105 @@
+"""The FFCV engine: ``.beton`` files read by FFCV's loader (libjpeg-turbo decode of only the
+random crop, in its compiled pipeline), giving uint8 channels-last crops on the device; the
+project's own augment, normalize and mix stages run after it (not FFCV's ``NormalizeImage``,
+whose GPU path needs cupy).
+
+FFCV keeps its own order (``OrderOption.RANDOM``, or ``QUASI_RANDOM`` on one process),
+sharding (``distributed=True`` under DDP) and crops; the Loader's plan supplies the epoch, the
+image size (progressive resizing sets the decoder's output size between epochs) and how many
+batches to skip when resuming. ``import ffcv`` sets torch's CPU threads to 1, and FFCV's loader
+to its worker count: the caller's count is put back each time.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from ..errors import DataError, OptionError, UserError
+from ..records import RecordFile
+from ..sampling import BatchTask, EpochPlan
+from .base import register_engine
+
+INSTALL_HINT = ("the FFCV engine needs FFCV: apt-get install pkg-config libopencv-dev "
+                "libturbojpeg0-dev build-essential, then pip install 'tricks[ffcv]'")
+
+
+def import_ffcv():
+    """Import FFCV's loader pieces, keeping torch's thread count as it was."""
+    threads = torch.get_num_threads()
+    try:
+        from ffcv import fields, loader, transforms
+        from ffcv.fields import decoders
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    finally:
+        torch.set_num_threads(threads)
+    return fields, decoders, loader, transforms
+
+
+def beton_path(records: RecordFile):
+    return records.path.with_suffix(".beton")
+
+
+@register_engine("ffcv")
+class FfcvEngine:
+    def __init__(self, records: RecordFile, device: torch.device | str, decode: str,
+                 workers: int, prefetch: int, plan: EpochPlan, *, order: str = "random",
+                 os_cache: bool = True):
+        _, decoders, loader, transforms = import_ffcv()
+        if decode != "auto":
+            raise OptionError(f"the FFCV engine decodes inside FFCV; decode={decode!r} does not "
+                              "apply (leave it auto)")
+        if order not in ("random", "quasi_random"):
+            raise OptionError(f"FFCV order must be random or quasi_random, got {order!r}")
+        distributed = plan.world_size > 1
+        if order == "quasi_random" and distributed:
+            raise OptionError("FFCV refuses quasi_random order with distributed=True; use random")
+        path = beton_path(records)
+        if not path.is_file():
+            raise DataError(f"{path} is missing: make it with `tricks convert SRC DST "
+                            "--format beton`")
+        self.device = torch.device(device)
+        self.train = plan.train
+        size = 224
+        if plan.train:
+            self.decoder = decoders.RandomResizedCropRGBImageDecoder(
+                (size, size), scale=plan.scale, ratio=plan.ratio)
+            image = [self.decoder, transforms.RandomHorizontalFlip()]
+        else:
+            self.decoder = decoders.CenterCropRGBImageDecoder((size, size),
+                                                              ratio=plan.crop_ratio)
+            image = [self.decoder]
+        non_blocking = self.device.type == "cuda"
+        image += [transforms.ToTensor(), transforms.ToDevice(self.device, non_blocking),
+                  transforms.ToTorchImage(channels_last=True)]
+        # no Squeeze(): on a last batch of one it makes a 0-d tensor that ToDevice cannot take
+        # (FFCV's thread dies and the loader hangs); labels are reshaped below instead
+        label = [decoders.IntDecoder(), transforms.ToTensor(),
+                 transforms.ToDevice(self.device, non_blocking)]
+        Order = loader.OrderOption
+        order_opt = (Order.QUASI_RANDOM if order == "quasi_random" else Order.RANDOM) \
+            if plan.train else Order.SEQUENTIAL
+        self._threads = torch.get_num_threads()
+        self.loader = loader.Loader(
+            str(path), batch_size=plan.batch_size // plan.world_size, num_workers=workers,
+            order=order_opt, os_cache=os_cache, drop_last=plan.drop_last,
+            distributed=distributed, seed=plan.seed, batches_ahead=max(1, prefetch),
+            pipelines={"image": image, "label": label})
+        torch.set_num_threads(self._threads)  # FFCV set torch's threads to num_workers
+
+    def batches(self, tasks: Iterable[BatchTask]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        tasks = list(tasks)
+        if not tasks:
+            return
+        self.decoder.output_size = (tasks[0].size, tasks[0].size)
+        self.loader.next_epoch = tasks[0].epoch
+        skip = tasks[0].batch  # resuming mid-epoch: FFCV has no seek, so decode and drop
+        for k, (images, labels) in enumerate(self.loader):
+            if k == 0:  # FFCV's epoch thread has set torch's threads to num_workers again
+                torch.set_num_threads(self._threads)
+            if k >= skip:
+                yield images, labels.long().reshape(-1)
+
+    def close(self) -> None:
+        self.loader = None
