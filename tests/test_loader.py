@@ -221,3 +221,16 @@ def test_a_corrupt_record_is_a_one_line_error_naming_file_and_record(tmp_path, c
     loader.close()
     line = _one_line(e.value)
     assert "val.rec: record 5 cannot be decoded" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("w,h", [(451, 333), (499, 301), (401, 397)])
+def test_pil_crop_of_the_whole_image_after_dct_downscaling(w, h):
+    """A box reaching the far edges, shrunk by ≥ 2 (so Pillow drafts): no overshoot error."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(buf, "JPEG")
+    for size in (64, 100, 160):
+        out = pil_crop(buf.getvalue(), np.array([0, 0, w, h], np.float32), False, size)
+        assert out.shape == (size, size, 3) and abs(int(out[..., 1].mean()) - 200) <= 3

@@ -43,7 +43,8 @@ def pil_crop(jpeg: bytes | np.ndarray, box: np.ndarray, flip: bool, size: int) -
         img = img.convert("RGB")
     # area averaging when shrinking (as roi_align's adaptive sampling, and OpenCV's INTER_AREA),
     # bilinear when enlarging
-    bx = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    # clamped: after a draft, box · scale can overshoot the new size by a rounding error
+    bx = (box[0] * sx, box[1] * sy, min(box[2] * sx, img.size[0]), min(box[3] * sy, img.size[1]))
     filt = Image.Resampling.BOX if bx[2] - bx[0] >= size else Image.Resampling.BILINEAR
     out = img.resize((size, size), filt, box=bx)
     if flip:
