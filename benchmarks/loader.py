@@ -111,6 +111,21 @@ def bench_engine(records: Path, args, device, dtype, engine: str, options: dict,
     return windows, memory
 
 
+def records_to_tree(records: Path, dst: Path) -> Path:
+    """The records' stored JPEGs written back as an ImageFolder tree (for torchvision)."""
+    from pipeline.records import RecordFile, read_classes
+    if (dst / ".complete").is_file():
+        return dst
+    classes = read_classes(records)
+    rf = RecordFile(records / "train.rec")
+    for i in range(len(rf)):
+        folder = dst / classes[int(rf.index["label"][i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:06d}.jpg").write_bytes(rf.raw(i).tobytes())
+    (dst / ".complete").touch()
+    return dst
+
+
 def bench_torchvision(tree: Path, args, device, dtype) -> list[float]:
     from torchvision import datasets
     from torchvision.transforms import v2
@@ -152,6 +167,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="an ImageFolder tree (default: generated JPEGs)")
     p.add_argument("--images", type=int, default=512, help="how many images to read")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--max-side", type=int, default=None,
+                   help="store the images re-encoded at this longer side (every engine reads "
+                        "the same stored images)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--runs", type=int, default=5, help="timed epochs (after one warm-up)")
@@ -179,13 +197,18 @@ def main(argv: list[str] | None = None) -> int:
                             args.images)
     else:
         tree = make_jpegs(work / f"jpegs-{args.images}", args.images, workers=max(1, args.workers))
-    records = work / f"records-{tree.name}"
+    side = f"-max{args.max_side}" if args.max_side else ""
+    records = work / f"records-{tree.name}{side}"
     if not (records / "classes.json").is_file():
-        convert(tree, records, workers=args.workers, progress=False)
+        convert(tree, records, max_side=args.max_side, quality=90, workers=args.workers,
+                progress=False)
+    if args.max_side:  # torchvision reads the same stored (re-encoded) images, as files
+        tree = records_to_tree(records, work / f"tree-{tree.name}{side}")
     entries = []
     settings = {"images": args.images, "size": args.size, "batch": args.batch,
                 "workers": args.workers, "dtype": str(dtype).replace("torch.", ""),
                 "data": args.data or "generated ~450 px JPEGs, quality 90",
+                "max_side": args.max_side,
                 "warmup_epochs": 1, "timed_epochs": args.runs}
     engines = args.engines.split(",") if args.engines else \
         ["native"] + (["dali", "dali-files"] if _installed("nvidia.dali") else []) + \
