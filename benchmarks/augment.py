@@ -22,7 +22,7 @@ from pipeline.mix import CutMix, Mixup, Ricap
 from pipeline.sampling import keyed_generator
 from pipeline.stages import Stages
 
-from .results import Timer, entry, write_results
+from .results import Timer, entry, resolve_device, resolve_dtype, write_results
 
 
 def _time(fn, device, warmup: int, runs: int, iters: int) -> list[float]:
@@ -54,11 +54,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    dtype = {"auto": torch.float16 if cuda else torch.float32, "fp32": torch.float32,
-             "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     batch = args.batch or (256 if cuda else 16)
     iters = args.iters or (10 if cuda else 2)
     n_classes = 1000

@@ -24,7 +24,7 @@ from pipeline.convert import convert
 from pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
 from train.data import cache_dir
 
-from .results import Timer, entry, write_results
+from .results import Timer, entry, resolve_device, resolve_dtype, write_results
 
 
 def _make_jpeg(args: tuple[Path, int, int, int]) -> None:
@@ -187,10 +187,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
-             "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     work = cache_dir() / "bench"
     if args.data:
         tree = _subset_tree(Path(args.data), work / f"subset-{Path(args.data).name}-{args.images}",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from models import count_macs, count_params, create_model, list_models
+from models import count_macs, count_params, create_model
 
-from .results import RESULTS_DIR
+from .results import RESULTS_DIR, parse_models
 
 # He et al. 2018, Table 5: FLOPs (multiply-adds) in G
 PAPER_GMACS = {"resnet50": 3.8, "resnet50b": 4.1, "resnet50c": 4.3, "resnet50d": 4.3}
@@ -29,11 +29,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in names if m not in list_models()]
-    if unknown:
-        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}",
-              file=sys.stderr)
+    names = parse_models(args.models)
+    if names is None:
         return 1
     rows = []
     for name in names:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,32 @@ from train.rundir import device_name, environment
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's training set
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: FP16 on CUDA, FP32 on the CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def parse_models(text: str) -> list[str] | None:
+    """Comma-separated registered model names; None (and a one-line error) for unknown ones."""
+    from models import list_models
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in list_models()]
+    if unknown:
+        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}",
+              file=sys.stderr)
+        return None
+    return names
 
 
 def device_slug(device: torch.device) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from models import create_model, default_input_size, list_models
+from models import create_model, default_input_size
 from pipeline import Loader
 from train.loss import SoftTargetCrossEntropy
 from train.optim import build_optimizer
@@ -29,7 +29,8 @@ from train.rundir import device_name
 from train.trainer import train_step
 
 from .report import summarize, write_chart, write_markdown
-from .results import IMAGENET_TRAIN, Timer, entry, write_results
+from .results import (IMAGENET_TRAIN, Timer, entry, parse_models, resolve_device,
+                      write_results)
 
 DEFAULT_MODELS = "resnet50,resnet50d,inception_v3,mobilenet_v2,resnet18"
 
@@ -150,14 +151,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in list_models()]
-    if unknown:
-        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}",
-              file=sys.stderr)
+    models = parse_models(args.models)
+    if models is None:
         return 1
     if args.strict_fp32 and cuda:
         torch.backends.cudnn.allow_tf32 = False

@@ -10,7 +10,6 @@ torchvision's AutoAugment does by default.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

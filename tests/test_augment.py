@@ -83,7 +83,6 @@ def test_cutout_zeroes_exactly_the_clipped_square():
     clipped = 0
     for i in range(64):
         y0, y1, x0, x1 = d.boxes[i, 0].tolist()
-        cy, cx = y0 + 4 if y0 > 0 else None, x0 + 4 if x0 > 0 else None
         want = torch.ones(3, 20, 20)
         want[:, y0:y1, x0:x1] = 0
         assert torch.equal(out[i], want)
