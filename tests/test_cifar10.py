@@ -1,11 +1,11 @@
 """Real photos: CIFAR-10 JPEGs from ../shared/data (skipped when absent)."""
 import json
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks.cifar10 import extract_subset
 from conftest import SHARED_DATA
 from pipeline.convert import convert
 from train.cli import main
@@ -19,19 +19,10 @@ def cifar_subset(tmp_path_factory) -> Path:
     """5,000 training and 1,000 test images (the first of each class in file-name order)."""
     if not TARBALL.is_file():
         pytest.skip(f"{TARBALL} not present")
-    tree = tmp_path_factory.mktemp("cifar") / "tree"
-    with tarfile.open(TARBALL) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
-        chosen, counts = set(), {}
-        for m in sorted(members, key=lambda m: m.name):
-            _, split, cls, _ = m.name.split("/")
-            if counts.get((split, cls), 0) < PER_CLASS[split]:
-                counts[(split, cls)] = counts.get((split, cls), 0) + 1
-                chosen.add(m.name)
-        # one pass in archive order: random access into a .gz re-reads it from the start
-        tar.extractall(tree, members=[m for m in members if m.name in chosen], filter="data")
+    tree = extract_subset(TARBALL, tmp_path_factory.mktemp("cifar") / "tree",
+                          PER_CLASS["train"], PER_CLASS["test"])
     out = tmp_path_factory.mktemp("cifar-rec")
-    convert(tree / "cifar10", out, workers=2, progress=False)
+    convert(tree, out, workers=2, progress=False)
     return out
 
 

@@ -39,6 +39,10 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=["train", "models", "loader", "augment"])
     b.add_argument("args", nargs=argparse.REMAINDER)
 
+    # `tricks ablate …` is handed whole to train.ablate's own parser (see main)
+    sub.add_parser("ablate", help="the paper's ablation tables (4, 5, 6, augment) on a dataset; "
+                   "`tricks ablate --help`", add_help=False)
+
     e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's validation split")
     e.add_argument("checkpoint")
     e.add_argument("data", help="converted folder or ImageFolder tree")
@@ -144,6 +148,11 @@ def cmd_bench(args) -> int:
     return importlib.import_module(f"benchmarks.{module}").main(args.args)
 
 
+def cmd_ablate(args) -> int:
+    from .ablate import main as ablate_main
+    return ablate_main(args.args, files_resolver=config_path)
+
+
 def cmd_eval(args) -> int:
     from contextlib import nullcontext
 
@@ -213,9 +222,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ablate"]:
+        args = argparse.Namespace(command="ablate", args=argv[1:])
+    else:
+        args = get_parser().parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert,
-               "show-batch": cmd_show_batch, "bench": cmd_bench}[args.command]
+               "show-batch": cmd_show_batch, "bench": cmd_bench,
+               "ablate": cmd_ablate}[args.command]
     try:
         return handler(args)
     except UserError as e:
