@@ -25,3 +25,4 @@ $py -m train.cli ablate --table 6 --seeds 3 --out "$OUT" \
     data.workers="$workers" model.name=resnet18d model.cifar_stem=true model.width="$width" \
     train.epochs="$epochs" train.batch="$batch" train.precision="$precision" optim.lr=0.4 \
     schedule.warmup_epochs=1
+rm -rf "$OUT/runs"  # checkpoints: keep $OUT to the table's few files (the device returns ≤ 8)
