@@ -67,7 +67,8 @@ class Stages:
             x = x.sub_(mean).div_(std)
         else:
             scale, shift = self._scale_shift(images.device)
-            x = torch.addcmul(shift, images.to(self.dtype), scale)
+            # uint8 in, training dtype out, in one pass (type promotion inside the kernel)
+            x = torch.addcmul(shift, images, scale)
         targets = labels
         if self.mix is not None and self.mix_enabled:
             x, targets = self.mix(x, labels, self.num_classes, gen)

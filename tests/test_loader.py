@@ -234,3 +234,17 @@ def test_pil_crop_of_the_whole_image_after_dct_downscaling(w, h):
     for size in (64, 100, 160):
         out = pil_crop(buf.getvalue(), np.array([0, 0, w, h], np.float32), False, size)
         assert out.shape == (size, size, 3) and abs(int(out[..., 1].mean()) - 200) <= 3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3),
+                                       (torch.bfloat16, 3e-2)])
+def test_normalize_stage_matches_the_definition(dtype, tol):
+    from pipeline.stages import IMAGENET_MEAN, IMAGENET_STD, Stages
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8).contiguous(
+        memory_format=torch.channels_last)
+    out, targets = Stages(dtype, 10)(x, torch.arange(4), None)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.float() - (x.float() / 255 - mean) / std).abs().max() < tol
+    assert torch.equal(targets, torch.arange(4))
