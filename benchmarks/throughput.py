@@ -40,7 +40,7 @@ def _precision(name: str, device: torch.device) -> str:
     return "bf16" if name == "fp16" and device.type != "cuda" else name
 
 
-def _batches(args, model_name, device, dtype, channels_last, batch, size):
+def _batches(args, device, dtype, channels_last, batch, size):
     """An endless iterator of (images, labels): one synthetic batch, or a real engine's."""
     if args.input == "synthetic":
         g = torch.Generator(device).manual_seed(0)
@@ -80,7 +80,7 @@ def run_config(args, model_name: str, mode: str, batch: int, device: torch.devic
     autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
     criterion = SoftTargetCrossEntropy(classes)
     warmup_steps = 5 * 100 if mode != "baseline" else 0  # a warmup, as the recipe has
-    data = _batches(args, model_name, device, dtype, channels_last, batch, size)
+    data = _batches(args, device, dtype, channels_last, batch, size)
     step = 0
 
     def one():

@@ -160,11 +160,9 @@ def cmd_eval(args) -> int:
 
     from .checkpoint import load_checkpoint
     from .config import load_config
-    from .data import pick_val_split, resolve_dataset
+    from .data import make_val_loader, pick_val_split, resolve_dataset
     from .loss import SoftTargetCrossEntropy
     from .trainer import DTYPES, build_model, check_precision, evaluate, select_device
-    from pipeline import Loader
-
     state = load_checkpoint(args.checkpoint)
     cfg = load_config(base=state["config"])
     device = select_device(args.device)
@@ -177,12 +175,8 @@ def cmd_eval(args) -> int:
     split = pick_val_split(root, args.split)
     if split is None:
         raise UserError(f"{root} has no validation split; name one with --split")
-    d = cfg.data
-    loader = Loader(root, split, args.batch or cfg.train.batch, train=False,
-                    image_size=d.val_image_size or d.image_size, crop_ratio=d.crop_ratio,
-                    device=device, dtype=dtype, channels_last=cfg.train.channels_last,
-                    engine=d.engine, decode=d.decode, workers=args.workers,
-                    engine_options=d.engine_options)
+    loader = make_val_loader(cfg, root, split, device, dtype, batch=args.batch,
+                             workers=args.workers)
     if loader.classes != state.get("classes", loader.classes):
         raise UserError(f"{root}: its class list differs from the checkpoint's")
     cfg.model.weights = None

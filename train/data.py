@@ -88,21 +88,34 @@ def build_ops(cfg: Config) -> tuple[list, object | None]:
     return augment, mix
 
 
+def _loader_options(cfg: Config, device, dtype, rank: int, world_size: int) -> dict:
+    d = cfg.data
+    return dict(device=device, dtype=dtype, channels_last=cfg.train.channels_last,
+                engine=d.engine, decode=d.decode, workers=d.workers, prefetch=d.prefetch,
+                seed=cfg.train.seed, rank=rank, world_size=world_size,
+                engine_options=d.engine_options)
+
+
+def make_val_loader(cfg: Config, root: Path, split: str, device: torch.device,
+                    dtype: torch.dtype, rank: int = 0, world_size: int = 1, **overrides
+                    ) -> Loader:
+    """Resize + centre crop at the validation size, in order, every sample once."""
+    d = cfg.data
+    options = {**_loader_options(cfg, device, dtype, rank, world_size), **overrides}
+    batch = options.pop("batch", None) or cfg.train.batch
+    return Loader(root, split, batch, train=False, image_size=d.val_image_size or d.image_size,
+                  crop_ratio=d.crop_ratio, **options)
+
+
 def make_loaders(cfg: Config, root: Path, device: torch.device, dtype: torch.dtype,
                  rank: int = 0, world_size: int = 1) -> tuple[Loader, Loader | None]:
     d = cfg.data
-    common = dict(device=device, dtype=dtype, channels_last=cfg.train.channels_last,
-                  engine=d.engine, decode=d.decode, workers=d.workers, prefetch=d.prefetch,
-                  seed=cfg.train.seed, rank=rank, world_size=world_size,
-                  engine_options=d.engine_options)
     augment, mix = build_ops(cfg)
     train = Loader(root, d.train_split, cfg.train.batch, train=True, image_size=d.image_size,
                    scale=tuple(d.scale), ratio=tuple(d.ratio), augment=augment, mix=mix,
-                   **common)
+                   **_loader_options(cfg, device, dtype, rank, world_size))
     val_split = pick_val_split(root, d.val_split)
     val = None
     if val_split is not None:
-        val = Loader(root, val_split, cfg.train.batch, train=False,
-                     image_size=d.val_image_size or d.image_size, crop_ratio=d.crop_ratio,
-                     **common)
+        val = make_val_loader(cfg, root, val_split, device, dtype, rank, world_size)
     return train, val
