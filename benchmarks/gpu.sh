@@ -2,8 +2,9 @@
 # The prepared GPU run (Table 3 on one H100/H200, under 7 minutes): the training throughput of
 # the five Table 3 models, baseline against efficient, with synthetic input; then ResNet-50-D
 # fed from generated ImageNet-sized JPEGs by the native engine (and DALI when the DALI engine
-# and package are there); then the loader and augment benchmarks. $OUT (default ./gpu-out)
-# gets gpu-results.tar.gz (every JSON, table, chart and log) and the two tables: few files, as
+# and package are there); then the loader and augment benchmarks; then, if time allows,
+# ResNet-50 with torch.compile and CUDA graphs. $OUT (default ./gpu-out)
+# gets gpu-results.tar.gz (every JSON, table, chart and log) and the Table 3 tables: few files, as
 # the device tool returns at most 8. Runs from the source tree:
 #     OUT=/tmp/out bash benchmarks/gpu.sh
 # QUICK=1 shrinks everything for a rehearsal on a CPU.
@@ -14,7 +15,7 @@ export TRICKS_CACHE=${TRICKS_CACHE:-/tmp/tricks-cache}
 OUT=${OUT:-gpu-out}
 py=${PYTHON:-python3}
 if [ "${QUICK:-0}" = 1 ]; then
-  models=resnet18 images=256 workers=2 size=(--size 64) timing=(--warmup 1 --windows 2 --steps 2)
+  models=resnet18 compile_models=resnet18 images=256 workers=2 size=(--size 64) timing=(--warmup 1 --windows 2 --steps 2)
   batches=(--baseline-batch 8 --efficient-batch 16) loader_batch=32 augment=(--batch 4 --size 64)
 else
   models=resnet50,resnet50d,inception_v3,mobilenet_v2,resnet18 images=8192 workers=14 size=()
@@ -66,4 +67,18 @@ $py -m benchmarks.loader --images "$images" --batch "$loader_batch" --workers "$
 $py -m benchmarks.augment "${augment[@]}" --out "$R/augment" 2>&1 | tee "$R/augment.log"
 cp "$R/train-synthetic/train.md" "$OUT/table3-synthetic.md"
 cp "$R/train-data/train.md" "$OUT/table3-data.md"
+
+# Optional, only while the run is well inside its budget: compilation takes a minute or two
+if [ $((SECONDS - start)) -lt "${COMPILE_BEFORE_S:-240}" ]; then
+  stamp "ResNet-50 with torch.compile and CUDA graphs"
+  if $py -m benchmarks.throughput --models "${compile_models:-resnet50}" --compile --cuda-graphs \
+      "${size[@]}" "${batches[@]}" "${timing[@]}" --out "$R/train-compile" \
+      > "$R/train-compile.log" 2>&1; then
+    cp "$R/train-compile/train.md" "$OUT/table3-compile.md"
+  else
+    stamp "compile run failed (see train-compile.log)"
+  fi
+else
+  stamp "skipped the compile run: $((SECONDS - start)) s used"
+fi
 stamp "done"

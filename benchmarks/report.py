@@ -1,7 +1,9 @@
 """Tables and charts from a throughput results file: Table 3's layout, and a bar chart."""
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -34,6 +36,8 @@ def summarize(entries: list[dict]) -> dict:
             "ratio": eff[0] / base[0] if base and eff else None,
             "baseline_epoch_min": IMAGENET_TRAIN / base[0] / 60 if base else None,
             "efficient_epoch_min": IMAGENET_TRAIN / eff[0] / 60 if eff else None,
+            "baseline_peak_mb": base[1]["peak_memory_mb"] if base else None,
+            "efficient_peak_mb": eff[1]["peak_memory_mb"] if eff else None,
             "extra": extra})
     loader = [{"model": m, "mode": mode, "input": i, "rate": v[0],
                "synthetic": med[(m, mode, "synthetic")][0],
@@ -47,24 +51,37 @@ def _fmt(v, spec=",.0f"):
     return "—" if v is None else format(v, spec)
 
 
-def write_markdown(json_path: Path, summary: dict, title: str = "") -> Path:
+def _rate(v):  # CPU rates are small: keep a decimal there
+    return _fmt(v, ",.1f" if v is not None and v < 100 else ",.0f")
+
+
+def _gib(mb):  # peak memory is only known on CUDA
+    return "—" if mb is None else f"{mb / 1024:.1f}"
+
+
+def write_markdown(json_path: Path, summary: dict, title: str = "", notes: str = "") -> Path:
     lines = [f"{title}", ""] if title else []
+    lines += [notes, ""] if notes else []
     lines += ["| Model | Input | Baseline img/s (batch, FP32) | Efficient img/s (batch, precision) "
-             "| Efficient / baseline | min/epoch baseline | min/epoch efficient | other modes |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| Efficient / baseline | min/epoch baseline | min/epoch efficient "
+             "| peak GiB baseline / efficient | other modes img/s (÷ baseline) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        extra = ", ".join(f"{k}: {v:,.0f}" for k, v in r["extra"].items()) or ""
+        extra = ", ".join(f"{k}: {_rate(v)}" + (f" ({v / r['baseline']:.2f}×)" if r["baseline"]
+                                                else "")
+                          for k, v in r["extra"].items())
         lines.append(
-            f"| {r['model']} | {r['input']} | {_fmt(r['baseline'])} ({r['baseline_batch']}) | "
-            f"{_fmt(r['efficient'])} ({r['efficient_batch']}, {r['efficient_precision']}) | "
+            f"| {r['model']} | {r['input']} | {_rate(r['baseline'])} ({r['baseline_batch']}) | "
+            f"{_rate(r['efficient'])} ({r['efficient_batch']}, {r['efficient_precision']}) | "
             f"{_fmt(r['ratio'], '.2f')}× | {_fmt(r['baseline_epoch_min'], '.1f')} | "
-            f"{_fmt(r['efficient_epoch_min'], '.1f')} | {extra} |")
+            f"{_fmt(r['efficient_epoch_min'], '.1f')} | {_gib(r['baseline_peak_mb'])} / "
+            f"{_gib(r['efficient_peak_mb'])} | {extra} |")
     if summary["loader"]:
         lines += ["", "| Model | Mode | Engine | img/s | synthetic img/s | engine / synthetic |",
                   "|---|---|---|---|---|---|"]
         for r in summary["loader"]:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['input']} | {_fmt(r['rate'])} | "
-                         f"{_fmt(r['synthetic'])} | {100 * r['fraction']:.0f}% |")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['input']} | {_rate(r['rate'])} | "
+                         f"{_rate(r['synthetic'])} | {100 * r['fraction']:.0f}% |")
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -93,3 +110,28 @@ def write_chart(json_path: Path, summary: dict, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def render(json_path: str | Path) -> tuple[dict, Path, Path]:
+    """The Markdown table and the chart of a ``bench train`` results file, beside it."""
+    json_path = Path(json_path)
+    doc = json.loads(json_path.read_text())
+    summary = summarize(doc["results"])
+    st = doc["settings"]
+    title = f"Training throughput on {doc['device']}, torch {doc['versions']['torch']}"
+    cuda = any(e["settings"]["tf32"] is not None for e in doc["results"])
+    fp32 = ("strict FP32 (TF32 off)" if st["strict_fp32"] else
+            "FP32 with torch's defaults (cuDNN may use TF32 for convolutions; --strict-fp32 "
+            "turns it off)" if cuda else "FP32")
+    notes = (f"Median images/s of {st['windows']} windows of {st['steps_per_window']} steps after "
+             f"{st['warmup_steps']} warm-up steps; cuDNN autotuning on. Baseline: "
+             f"{fp32}, NCHW, SGD. Efficient: channels-last, fused SGD, "
+             f"linear-scaled LR with warmup (FP16 autocast + gradient scaler on CUDA, BF16 on "
+             f"the CPU). Minutes per epoch are for ImageNet's {IMAGENET_TRAIN:,} images.")
+    return (summary, write_markdown(json_path, summary, title, notes),
+            write_chart(json_path, summary, title))
+
+
+if __name__ == "__main__":  # python -m benchmarks.report train.json: redraw table and chart
+    for arg in sys.argv[1:]:
+        print(*render(arg)[1:])

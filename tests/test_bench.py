@@ -5,6 +5,7 @@ import statistics
 import pytest
 from PIL import Image
 
+from benchmarks.report import render
 from train.cli import main
 
 
@@ -25,6 +26,8 @@ def test_bench_train_writes_json_markdown_png_and_ratios_follow_the_windows(
         assert e["imagenet_epoch_minutes"] == pytest.approx(1_281_167 / e["median"] / 60)
     base, eff = by[("baseline", "synthetic")], by[("efficient", "synthetic")]
     assert (base["settings"]["batch"], eff["settings"]["batch"]) == (4, 8)
+    assert not base["settings"]["fused_sgd"] and eff["settings"]["fused_sgd"]
+    assert base["settings"]["cudnn_benchmark"] and base["settings"]["compile"] is None
     assert base["settings"]["precision"] == "fp32" and not base["settings"]["channels_last"]
     assert eff["settings"]["precision"] == "bf16" and eff["settings"]["channels_last"]  # CPU
     ratio = eff["median"] / base["median"]
@@ -33,8 +36,33 @@ def test_bench_train_writes_json_markdown_png_and_ratios_follow_the_windows(
     frac = by[("efficient", "native")]["median"] / eff["median"]
     assert f"{100 * frac:.0f}%" in md
     assert f"efficient / baseline = {ratio:.2f}×" in capsys.readouterr().out
+    assert "Median images/s of 3 windows of 1 steps after 1 warm-up steps" in md
     png = Image.open(tmp_path / "train.png")
     assert png.format == "PNG" and png.size[0] > 300
+    (tmp_path / "train.md").unlink()  # python -m benchmarks.report redraws from the JSON alone
+    render(tmp_path / "train.json")
+    assert (tmp_path / "train.md").read_text() == md
+
+
+def test_bench_train_optional_modes_compile_cuda_graphs_bf16(tmp_path):
+    """The optional modes run on the CPU too (reduce-overhead only adds CUDA graphs on CUDA);
+    the table gives each its rate and its ratio to the baseline."""
+    assert main(["bench", "train", "--models", "resnet18", "--size", "32",
+                 "--baseline-batch", "4", "--efficient-batch", "8", "--warmup", "1",
+                 "--windows", "2", "--steps", "1", "--compile", "--cuda-graphs", "--bf16",
+                 "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "train.json").read_text())
+    by = {e["settings"]["mode"]: e for e in doc["results"]}
+    assert list(by) == ["baseline", "efficient", "efficient-compile", "efficient-graphs",
+                        "efficient-bf16"]
+    assert by["efficient-compile"]["settings"]["compile"] == "default"
+    assert by["efficient-graphs"]["settings"]["compile"] == "reduce-overhead"
+    assert by["efficient-bf16"]["settings"]["precision"] == "bf16"
+    md = (tmp_path / "train.md").read_text()
+    base = statistics.median(by["baseline"]["windows"])
+    for mode in ("efficient-compile", "efficient-graphs", "efficient-bf16"):
+        rate = statistics.median(by[mode]["windows"])
+        assert f"{mode}: {rate:,.0f} ({rate / base:.2f}×)" in md
 
 
 def test_bench_train_unknown_model_lists_the_known_ones(tmp_path, capsys):
@@ -42,6 +70,14 @@ def test_bench_train_unknown_model_lists_the_known_ones(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown model(s) resnet51; known:" in err and "resnet50d" in err
     assert "inception_v3" in err
+
+
+def test_bench_train_bad_engine_fails_before_any_timing(tmp_path, capsys, shapes_records):
+    assert main(["bench", "train", "--models", "resnet18", "--data", str(shapes_records),
+                 "--engines", "native,fcv", "--out", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert err.strip() == "error: unknown engine 'fcv'; available: dali, ffcv, native"
+    assert "images/s" not in out and not (tmp_path / "train.json").exists()
 
 
 def test_bench_models_table5(tmp_path):

@@ -39,6 +39,8 @@ def test_overrides_apply_after_files_with_yaml_values():
     ("train.epochs=2.5", "must be an integer"),
     ("train.channels_last=1", "must be true or false"),
     ("train.precision=fp8", "choose one of fp32, fp16, bf16"),
+    ("train.compile_mode=fast", "train.compile_mode='fast': choose one of default, "
+                                "reduce-overhead"),
     ("train.batch=0", "train.batch must be at least 1"),
     ("epochs", "not of the form"),
 ])

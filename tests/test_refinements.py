@@ -199,12 +199,16 @@ def test_sync_bn_on_the_cpu_is_a_clear_error(shapes_records):
 
 @pytest.mark.slow
 def test_compiled_training_with_fused_sgd(shapes_records, tmp_path, monkeypatch):
-    """train.compile and optim.fused are trainer options, not only benchmark ones."""
+    """train.compile (with its mode: reduce-overhead = CUDA graphs on CUDA, plain compile on
+    the CPU), optim.fused and cudnn_benchmark are trainer options, not only benchmark ones."""
     cfg = load_config([], ["model.name=resnet18d", "model.width=4", "data.image_size=16",
                            "data.workers=0", "train.batch=100", f"data.path={shapes_records}",
                            "train.epochs=1", f"train.out={tmp_path}", "train.compile=true",
-                           "optim.fused=true", "train.log_every=1"])
+                           "train.compile_mode=reduce-overhead", "optim.fused=true",
+                           "train.log_every=1", "train.cudnn_benchmark=false"])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # restored afterwards
     t, losses = _run(cfg, monkeypatch)
     assert t.net is not t.model and len(losses) == 4
+    assert not torch.backends.cudnn.benchmark
     assert t.optimizer.defaults["fused"]
     assert all(math.isfinite(v) for v in losses.values())

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train.trainer as trainer_mod
+from conftest import cuda
 from train.checkpoint import load_checkpoint
 from train.cli import main
 from train.config import load_config
@@ -152,3 +153,37 @@ def test_bad_augment_settings_are_one_line_errors(shapes_records, capsys, overri
                  override])
     err = capsys.readouterr().err.strip()
     assert code == 1 and message in err and "\n" not in err
+
+
+@cuda
+@pytest.mark.parametrize("fused", [True, False])
+def test_efficient_step_makes_no_host_sync_with_fused_sgd(fused):
+    """FP16 + gradient scaler + fused SGD: the inf/NaN check stays on the GPU, so a step queues
+    without waiting for it. The unfused step reads the flag back (.item()); that it is caught
+    shows the check can fail."""
+    from models import create_model
+    from train.loss import SoftTargetCrossEntropy
+    from train.optim import build_optimizer
+
+    dev = torch.device("cuda")
+    model = create_model("resnet18d", num_classes=10, width=8).to(dev)
+    model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, "sgd", 0.1, weight_decay=1e-4, no_bias_decay=True, fused=fused)
+    scaler = torch.amp.GradScaler("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.float16)
+    crit = SoftTargetCrossEntropy(10)
+    x = torch.randn(8, 3, 32, 32, device=dev, dtype=torch.float16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), device=dev)
+    for _ in range(2):  # first steps: lazy state, cuDNN autotuning
+        trainer_mod.train_step(model, x, y, crit, opt, scaler, autocast)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if fused:
+            trainer_mod.train_step(model, x, y, crit, opt, scaler, autocast)
+        else:
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                trainer_mod.train_step(model, x, y, crit, opt, scaler, autocast)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -124,6 +124,8 @@ class TrainConfig:
     sync_bn: bool = False            # SyncBatchNorm across GPUs (CUDA only)
     ema_decay: float = 0.0           # EMA of the weights, evaluated beside them; 0: off
     compile: bool = False            # torch.compile the model (first steps are slow)
+    compile_mode: str = "default"    # torch.compile mode; reduce-overhead adds CUDA graphs
+    cudnn_benchmark: bool = True     # let cuDNN time its algorithms for each new input shape
     checkpoint_every: int = 0        # iterations between mid-epoch checkpoints; 0: epoch ends only
     log_every: int = 20              # iterations between reading metrics back from the device
     eval_every: int = 1              # epochs
@@ -232,6 +234,8 @@ _CHOICES = {
     "optim.lr_scaling": ("linear", "none"),
     "schedule.name": ("cosine", "step"),
     "train.precision": ("fp32", "fp16", "bf16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune",
+                           "max-autotune-no-cudagraphs"),
 }
 
 

@@ -140,7 +140,7 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
         all_logits.append(logits.detach())
     scaler.step(optimizer)
     scaler.update()
-    return total, torch.cat(all_logits)
+    return total, all_logits[0] if accumulate == 1 else torch.cat(all_logits)
 
 
 @torch.no_grad()
@@ -210,8 +210,9 @@ class Trainer:
         if self.dist.enabled:
             self.net = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        torch.backends.cudnn.benchmark = t.cudnn_benchmark
         if t.compile:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=t.compile_mode)
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay),
                                   use_buffers=True) if t.ema_decay else None)
         self.teacher = None
