@@ -2,8 +2,8 @@
 # The prepared GPU run (Table 3 on one H100/H200, under 7 minutes): the training throughput of
 # the five Table 3 models, baseline against efficient, with synthetic input; then ResNet-50-D
 # fed from generated ImageNet-sized JPEGs by the native engine (and DALI when the DALI engine
-# and package are there); then the loader and augment benchmarks; then, if time allows,
-# ResNet-50 with torch.compile and CUDA graphs. $OUT (default ./gpu-out)
+# and package are there); then, each only while time allows, ResNet-50 with torch.compile and
+# CUDA graphs, the loader benchmark and the augment benchmark. $OUT (default ./gpu-out)
 # gets gpu-results.tar.gz (every JSON, table, chart and log) and the Table 3 tables: few files, as
 # the device tool returns at most 8. Runs from the source tree:
 #     OUT=/tmp/out bash benchmarks/gpu.sh
@@ -18,7 +18,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   models=resnet18 compile_models=resnet18 images=256 workers=2 size=(--size 64) timing=(--warmup 1 --windows 2 --steps 2)
   batches=(--baseline-batch 8 --efficient-batch 16) loader_batch=32 augment=(--batch 4 --size 64)
 else
-  models=resnet50,resnet50d,inception_v3,mobilenet_v2,resnet18 images=8192 workers=14 size=()
+  models=resnet50,resnet50d,inception_v3,mobilenet_v2,resnet18 images=16384 workers=14 size=()
   timing=(--warmup 10 --windows 5 --steps 8) batches=() loader_batch=256 augment=()
 fi
 mkdir -p "$OUT"
@@ -61,15 +61,15 @@ $py -m benchmarks.throughput --models resnet50d --data "$records" --engines "$en
     --workers "$workers" "${size[@]}" "${batches[@]}" "${timing[@]}" --out "$R/train-data" \
     2>&1 | tee "$R/train-data.log"
 
-stamp "loader and augment"
-$py -m benchmarks.loader --images "$images" --batch "$loader_batch" --workers "$workers" \
-    --runs 3 --out "$R/loader" 2>&1 | tee "$R/loader.log"
-$py -m benchmarks.augment "${augment[@]}" --out "$R/augment" 2>&1 | tee "$R/augment.log"
 cp "$R/train-synthetic/train.md" "$OUT/table3-synthetic.md"
 cp "$R/train-data/train.md" "$OUT/table3-data.md"
 
-# Optional, only while the run is well inside its budget: compilation takes a minute or two
-if [ $((SECONDS - start)) -lt "${COMPILE_BEFORE_S:-240}" ]; then
+# The rest is optional, each part only while the run is well inside its 7 minutes
+within() {  # within SECONDS PART: true if less than SECONDS have been used so far
+  if [ $((SECONDS - start)) -lt "$1" ]; then return 0; fi
+  stamp "skipped $2: $((SECONDS - start)) s used"; return 1
+}
+if within "${COMPILE_BEFORE_S:-200}" "torch.compile and CUDA graphs"; then
   stamp "ResNet-50 with torch.compile and CUDA graphs"
   if $py -m benchmarks.throughput --models "${compile_models:-resnet50}" --compile --cuda-graphs \
       "${size[@]}" "${batches[@]}" "${timing[@]}" --out "$R/train-compile" \
@@ -78,7 +78,14 @@ if [ $((SECONDS - start)) -lt "${COMPILE_BEFORE_S:-240}" ]; then
   else
     stamp "compile run failed (see train-compile.log)"
   fi
-else
-  stamp "skipped the compile run: $((SECONDS - start)) s used"
+fi
+if within "${LOADER_BEFORE_S:-330}" "the loader benchmark"; then
+  stamp "loader"
+  $py -m benchmarks.loader --images "$images" --batch "$loader_batch" --workers "$workers" \
+      --runs 3 --out "$R/loader" 2>&1 | tee "$R/loader.log"
+fi
+if within "${AUGMENT_BEFORE_S:-390}" "the augment benchmark"; then
+  stamp "augment"
+  $py -m benchmarks.augment "${augment[@]}" --out "$R/augment" 2>&1 | tee "$R/augment.log"
 fi
 stamp "done"

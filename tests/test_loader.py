@@ -7,7 +7,7 @@ from torchvision.transforms import RandomResizedCrop
 
 from conftest import cuda
 from pipeline import Loader
-from pipeline.engines.native import crop_resize_flip, pil_crop
+from pipeline.engines.native import crop_resize_flip, pil_crop, size_groups
 from pipeline.errors import DataError
 from pipeline.sampling import EpochPlan, keyed_generator, random_resized_boxes
 
@@ -161,6 +161,27 @@ def test_device_decode_path_agrees_with_worker_path(shapes_records):
     assert torch.equal(a.targets, b.targets)
     diff = (a.images - b.images).abs().mean() / a.images.std()
     assert diff < 0.1, diff
+
+
+def test_large_batches_are_cropped_in_size_groups_with_the_same_result():
+    """A canvas over budget is cut into groups of similar sizes: every image once, each
+    group's padded canvas within budget, and the crops equal to one canvas's."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(int(h), int(w)) for h, w in torch.randint(8, 90, (40, 2), generator=g)]
+    shapes[7] = (300, 200)  # one large photo among small ones
+    groups = size_groups(shapes, budget=20_000)
+    assert sorted(i for grp in groups for i in grp) == list(range(40)) and len(groups) > 3
+    for grp in groups:
+        canvas = len(grp) * max(shapes[i][0] for i in grp) * max(shapes[i][1] for i in grp)
+        assert canvas <= 20_000 or len(grp) == 1
+    assert [7] in groups
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in shapes]
+    boxes = torch.tensor([[w * 0.1, h * 0.2, w * 0.9, h * 0.95] for h, w in shapes])
+    flips = torch.rand(40, generator=g) < 0.5
+    one = crop_resize_flip(images, boxes, flips, 12, budget=1 << 40)
+    grouped = crop_resize_flip(images, boxes, flips, 12, budget=20_000)
+    assert grouped.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(one, grouped)
 
 
 def test_crop_resize_flip_matches_pil_on_an_exact_crop():

@@ -87,15 +87,52 @@ class _TaskSampler:
         return len(self.tasks)
 
 
-def crop_resize_flip(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
-                     size: int) -> torch.Tensor:
-    """Batched crop + resize + flip of differently sized CHW uint8 images on their device.
+# Pixels per channel of one padded canvas (its float copy is 4 bytes a pixel per channel): a
+# batch whose canvas would be larger is cut into groups of similar sizes, so one 4,000-pixel
+# photo among 500-pixel ones costs a group of its own, not a batch-wide 4,000² canvas.
+CANVAS_PIXELS = 1 << 26
 
-    The images are gathered into one canvas whose padding repeats each image's last row and
+
+def size_groups(shapes: list[tuple[int, int]], budget: int = CANVAS_PIXELS) -> list[list[int]]:
+    """Indices grouped, largest first, so that each group's padded canvas
+    (count × max height × max width) stays within ``budget`` (a lone larger image excepted)."""
+    order = sorted(range(len(shapes)), key=lambda i: shapes[i], reverse=True)
+    groups: list[list[int]] = []
+    h = w = 0
+    for i in order:
+        hi, wi = shapes[i]
+        if groups and (len(groups[-1]) + 1) * max(h, hi) * max(w, wi) <= budget:
+            groups[-1].append(i)
+            h, w = max(h, hi), max(w, wi)
+        else:
+            groups.append([i])
+            h, w = hi, wi
+    return groups
+
+
+def crop_resize_flip(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
+                     size: int, budget: int = CANVAS_PIXELS) -> torch.Tensor:
+    """Batched crop + resize + flip of differently sized CHW uint8 images on their device.
+    Returns uint8 N×3×S×S, channels-last. One ``_crop_group`` per group of similar sizes
+    (usually the whole batch)."""
+    groups = size_groups([(im.shape[1], im.shape[2]) for im in images], budget)
+    if len(groups) == 1:
+        return _crop_group(images, boxes, flips, size)
+    device = images[0].device
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device,
+                      memory_format=torch.channels_last)
+    for g in groups:
+        idx = torch.tensor(g)
+        out[idx.to(device)] = _crop_group([images[i] for i in g], boxes[idx], flips[idx], size)
+    return out
+
+
+def _crop_group(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
+                size: int) -> torch.Tensor:
+    """The images are gathered into one canvas whose padding repeats each image's last row and
     column (so bilinear samples at a crop's far edge never blend in zeros), then one
     ``roi_align`` (adaptive sampling: an average over the source pixels of each output pixel,
-    i.e. antialiased when shrinking) makes every crop. Returns uint8 N×3×S×S, channels-last.
-    """
+    i.e. antialiased when shrinking) makes every crop."""
     device = images[0].device
     n = len(images)
     hmax = max(im.shape[1] for im in images)  # host-side shapes: no device sync
@@ -157,6 +194,11 @@ class NativeEngine:
 
     def _device_batch(self, task: BatchTask) -> tuple[torch.Tensor, torch.Tensor]:
         datas = [torch.from_numpy(np.array(self.records.raw(int(i)))) for i in task.indices]
+        if self.device.type == "cuda":
+            # torchvision's CUDA decoder writes from its own stream into memory allocated on
+            # ours without waiting for it (pytorch/vision#9606): a block freed by the previous
+            # batch's still-queued crop kernels could be overwritten. Only this thread waits.
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError as e:
