@@ -18,6 +18,7 @@ inf/NaN flag on the device: no host sync per step).
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -102,15 +103,17 @@ def run_config(args, model_name: str, mode: str, batch: int, device: torch.devic
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    for _ in range(args.warmup):
-        one()
     windows = []
-    for _ in range(args.windows):
-        with Timer(device) as t:
-            for _ in range(args.steps):
-                one()
-        windows.append(batch * args.steps / t.seconds)
-    data.close()
+    try:
+        for _ in range(args.warmup):
+            one()
+        for _ in range(args.windows):
+            with Timer(device) as t:
+                for _ in range(args.steps):
+                    one()
+            windows.append(batch * args.steps / t.seconds)
+    finally:  # the loader's workers and threads, also after an out-of-memory error
+        data.close()
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     settings = {"model": model_name, "mode": mode, "input": args.input, "batch": batch,
                 "precision": precision, "channels_last": channels_last,
@@ -130,9 +133,11 @@ def fit_batch(args, model_name, mode, batch, device) -> dict:
         except torch.cuda.OutOfMemoryError:
             if batch <= 1:
                 raise
-            torch.cuda.empty_cache()
-            batch //= 2
-            print(f"  {model_name} {mode}: out of memory, retrying at batch {batch}")
+        # outside the except block: the traceback no longer holds the failed run's tensors
+        gc.collect()
+        torch.cuda.empty_cache()
+        batch //= 2
+        print(f"  {model_name} {mode}: out of memory, retrying at batch {batch}")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -182,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data and not Path(args.data).is_dir():
         print(f"error: no such dataset folder: {args.data}", file=sys.stderr)
         return 1
-    for engine in inputs[1:]:  # a bad engine, option or file fails now, not after the models
-        Loader(args.data, "train", 8, image_size=32, device=device, engine=engine,
-               workers=args.workers).close()
+    for engine in inputs[1:]:  # a bad engine, file or a too small dataset fails now, not later
+        Loader(args.data, "train", max(batches.values()), image_size=32, device=device,
+               engine=engine, workers=args.workers).close()
     entries = []
     for model_name in models:
         for inp in inputs:
