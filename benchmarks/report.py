@@ -41,7 +41,8 @@ def summarize(entries: list[dict]) -> dict:
             "extra": extra})
     loader = [{"model": m, "mode": mode, "input": i, "rate": v[0],
                "synthetic": med[(m, mode, "synthetic")][0],
-               "fraction": v[0] / med[(m, mode, "synthetic")][0]}
+               "fraction": v[0] / med[(m, mode, "synthetic")][0],
+               "data_wait": v[1].get("data_wait")}
               for (m, mode, i), v in med.items()
               if i != "synthetic" and (m, mode, "synthetic") in med]
     return {"rows": rows, "loader": loader}
@@ -77,11 +78,12 @@ def write_markdown(json_path: Path, summary: dict, title: str = "", notes: str =
             f"{_fmt(r['efficient_epoch_min'], '.1f')} | {_gib(r['baseline_peak_mb'])} / "
             f"{_gib(r['efficient_peak_mb'])} | {extra} |")
     if summary["loader"]:
-        lines += ["", "| Model | Mode | Engine | img/s | synthetic img/s | engine / synthetic |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| Model | Mode | Engine | img/s | synthetic img/s | engine / synthetic "
+                  "| time waiting for data |", "|---|---|---|---|---|---|---|"]
         for r in summary["loader"]:
+            wait = "—" if r["data_wait"] is None else f"{100 * r['data_wait']:.0f}%"
             lines.append(f"| {r['model']} | {r['mode']} | {r['input']} | {_rate(r['rate'])} | "
-                         f"{_rate(r['synthetic'])} | {100 * r['fraction']:.0f}% |")
+                         f"{_rate(r['synthetic'])} | {100 * r['fraction']:.0f}% | {wait} |")
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -46,26 +46,43 @@ def _precision(name: str, device: torch.device) -> str:
     return "bf16" if name == "fp16" and device.type != "cuda" else name
 
 
-def _batches(args, device, dtype, channels_last, batch, size):
-    """An endless iterator of (images, labels): one synthetic batch, or a real engine's."""
-    if args.input == "synthetic":
-        g = torch.Generator(device).manual_seed(0)
-        x = torch.randn(batch, 3, size, size, device=device, generator=g).to(dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (batch,), device=device, generator=g)
-        while True:
-            yield x, y
-    loader = Loader(args.data, "train", batch, image_size=size, device=device, dtype=dtype,
-                    channels_last=channels_last, engine=args.input, workers=args.workers)
-    try:
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-    finally:
-        loader.close()
+class Feed:
+    """Endless (images, labels): one synthetic batch on the device, or a real engine's batches
+    epoch after epoch; ``wait_time`` is the time spent blocked on the engine."""
+
+    def __init__(self, args, device, dtype, channels_last, batch, size):
+        self.loader = None
+        if args.input == "synthetic":
+            g = torch.Generator(device).manual_seed(0)
+            x = torch.randn(batch, 3, size, size, device=device, generator=g).to(dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            self.batch = x, torch.randint(0, 1000, (batch,), device=device, generator=g)
+        else:
+            self.loader = Loader(args.data, "train", batch, image_size=size, device=device,
+                                 dtype=dtype, channels_last=channels_last, engine=args.input,
+                                 decode=args.decode if args.input == "native" else "auto",
+                                 workers=args.workers)
+            self.epoch, self.it = 0, iter(self.loader)
+
+    @property
+    def wait_time(self) -> float:
+        return self.loader.wait_time if self.loader else 0.0
+
+    def __next__(self):
+        if self.loader is None:
+            return self.batch
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
+            self.it = iter(self.loader)
+            return next(self.it)
+
+    def close(self):
+        if self.loader is not None:
+            self.loader.close()
 
 
 def run_config(args, model_name: str, mode: str, batch: int, device: torch.device) -> dict:
@@ -88,7 +105,7 @@ def run_config(args, model_name: str, mode: str, batch: int, device: torch.devic
     autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
     criterion = SoftTargetCrossEntropy(classes)
     warmup_steps = 5 * 100 if mode != "baseline" else 0  # a warmup, as the recipe has
-    data = _batches(args, device, dtype, channels_last, batch, size)
+    data = Feed(args, device, dtype, channels_last, batch, size)
     step = 0
 
     def one():
@@ -107,11 +124,14 @@ def run_config(args, model_name: str, mode: str, batch: int, device: torch.devic
     try:
         for _ in range(args.warmup):
             one()
+        waited, timed = data.wait_time, 0.0
         for _ in range(args.windows):
             with Timer(device) as t:
                 for _ in range(args.steps):
                     one()
             windows.append(batch * args.steps / t.seconds)
+            timed += t.seconds
+        waited = data.wait_time - waited
     finally:  # the loader's workers and threads, also after an out-of-memory error
         data.close()
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -119,6 +139,8 @@ def run_config(args, model_name: str, mode: str, batch: int, device: torch.devic
                 "precision": precision, "channels_last": channels_last,
                 "compile": compile_mode, "fused_sgd": fused, "image_size": size,
                 "peak_memory_mb": peak_mb, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "data_wait": waited / timed if args.input != "synthetic" else None,
+                "decode": data.loader.engine.decode if args.input == "native" else None,
                 "tf32": bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None}
     e = entry(f"{model_name} {mode} {args.input}", settings, windows)
     e["imagenet_epoch_minutes"] = IMAGENET_TRAIN / e["median"] / 60
@@ -155,6 +177,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a converted dataset: also time the real loader(s)")
     p.add_argument("--engines", default="native", help="engines for --data, comma-separated")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--decode", default="auto", choices=("auto", "workers", "device"),
+                   help="the native engine's decode (auto: device on CUDA, workers on a CPU)")
     p.add_argument("--size", type=int, default=None, help="input side (default: the model's)")
     p.add_argument("--warmup", type=int, default=None, help="steps (default 10; CPU: 1)")
     p.add_argument("--windows", type=int, default=None, help="timed windows (default 5; CPU 3)")
@@ -189,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for engine in inputs[1:]:  # a bad engine, file or a too small dataset fails now, not later
         Loader(args.data, "train", max(batches.values()), image_size=32, device=device,
-               engine=engine, workers=args.workers).close()
+               engine=engine, workers=args.workers,
+               decode=args.decode if engine == "native" else "auto").close()
     entries = []
     for model_name in models:
         for inp in inputs:

@@ -33,8 +33,11 @@ def test_bench_train_writes_json_markdown_png_and_ratios_follow_the_windows(
     ratio = eff["median"] / base["median"]
     md = (tmp_path / "train.md").read_text()
     assert f"{ratio:.2f}×" in md
-    frac = by[("efficient", "native")]["median"] / eff["median"]
-    assert f"{100 * frac:.0f}%" in md
+    native = by[("efficient", "native")]
+    frac = native["median"] / eff["median"]
+    assert 0 <= native["settings"]["data_wait"] <= 1 and eff["settings"]["data_wait"] is None
+    assert native["settings"]["decode"] == "workers"  # auto on a CPU
+    assert f"| {100 * frac:.0f}% | {100 * native['settings']['data_wait']:.0f}% |" in md
     assert f"efficient / baseline = {ratio:.2f}×" in capsys.readouterr().out
     assert "Median images/s of 3 windows of 1 steps after 1 warm-up steps" in md
     png = Image.open(tmp_path / "train.png")
