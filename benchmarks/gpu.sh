@@ -18,7 +18,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   models=resnet18 compile_models=resnet18 images=256 workers=2 size=(--size 64) timing=(--warmup 1 --windows 2 --steps 2)
   batches=(--baseline-batch 8 --efficient-batch 16) loader_batch=32 augment=(--batch 4 --size 64)
 else
-  models=resnet50,resnet50d,inception_v3,mobilenet_v2,resnet18 images=16384 workers=14 size=()
+  models=resnet50,resnet50d,inception_v3,mobilenet_v1,resnet18 images=16384 workers=14 size=()
   timing=(--warmup 10 --windows 5 --steps 8) batches=() loader_batch=256 augment=()
 fi
 mkdir -p "$OUT"

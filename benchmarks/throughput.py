@@ -36,7 +36,7 @@ from .report import render
 from .results import (IMAGENET_TRAIN, Timer, entry, parse_models, resolve_device,
                       write_results)
 
-DEFAULT_MODELS = "resnet50,resnet50d,inception_v3,mobilenet_v2,resnet18"
+DEFAULT_MODELS = "resnet50,resnet50d,inception_v3,mobilenet_v1,resnet18"
 # optional efficient variants → torch.compile mode (reduce-overhead replays CUDA graphs)
 COMPILE_MODES = {"efficient-compile": "default", "efficient-graphs": "reduce-overhead"}
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 from torch import nn
 
+from .mobilenet import MobileNetV1
 from .resnet import BasicBlock, Bottleneck, ResNet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -65,6 +66,7 @@ def _torchvision(builder: str, input_size: int = 224, **fixed):
 
 register("inception_v3", _torchvision("inception_v3", 299, aux_logits=False, init_weights=True))
 register("mobilenet_v2", _torchvision("mobilenet_v2"))
+register("mobilenet_v1", lambda num_classes=1000, **_ignored: MobileNetV1(num_classes))
 
 
 def default_input_size(name: str) -> int:

@@ -15,6 +15,16 @@ def test_forward_macs_match_table5(name):
     assert abs(macs - TABLE5_GMACS[name]) / TABLE5_GMACS[name] < 0.03, macs
 
 
+def test_mobilenet_v1_matches_its_paper():
+    """Howard et al. 2017, Table 1: 569 M multiply-adds and 4.2 M parameters at 224²."""
+    from models import count_params
+    m = create_model("mobilenet_v1")
+    assert round(count_macs(m, 224) / 1e6) == 569
+    assert round(count_params(m) / 1e6, 1) == 4.2
+    depthwise = [c for c in m.modules() if isinstance(c, nn.Conv2d) and c.groups > 1]
+    assert len(depthwise) == 13 and all(c.groups == c.in_channels for c in depthwise)
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_builds_and_trains_a_step(name):
     model = create_model(name, num_classes=7, width=8)
