@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The prepared GPU run (Table 3 on one H100/H200, under 7 minutes): the training throughput of
-# the five Table 3 models, baseline against efficient, with synthetic input; then ResNet-50-D
-# fed from generated ImageNet-sized JPEGs by the native engine (and DALI when the DALI engine
-# and package are there); then, each only while time allows, ResNet-50 with torch.compile and
-# CUDA graphs, the loader benchmark and the augment benchmark. $OUT (default ./gpu-out)
-# gets gpu-results.tar.gz (every JSON, table, chart and log) and the Table 3 tables: few files, as
-# the device tool returns at most 8. Runs from the source tree:
+# The prepared GPU run (Table 3 on one H100/H200, under 7 minutes): the CUDA tests; the
+# training throughput of the five Table 3 models, baseline against efficient, with synthetic
+# input; ResNet-50-D fed from generated ImageNet-sized JPEGs by the native engine (and DALI
+# when its package is there); then, each only while time allows, ResNet-50 with torch.compile
+# and CUDA graphs, the loader benchmark and the augment benchmark. $OUT (default ./gpu-out)
+# gets gpu-results.tar.gz (every JSON, table, chart and log) and the Table 3 tables: few files,
+# as the device tool returns at most 8. Runs from the source tree:
 #     OUT=/tmp/out bash benchmarks/gpu.sh
 # QUICK=1 shrinks everything for a rehearsal on a CPU.
 set -euo pipefail
@@ -33,6 +33,12 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/nvidia-smi.csv"
 fi
 $py -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
+
+stamp "CUDA tests (pytest -m gpu)"
+if ! $py -m pytest -q -rs -m gpu -p no:cacheprovider tests > "$R/cuda-tests.log" 2>&1; then
+  stamp "CUDA tests failed (see cuda-tests.log); the benchmarks go on"
+fi
+tail -n 3 "$R/cuda-tests.log"
 
 stamp "Table 3, synthetic input"
 $py -m benchmarks.throughput --models "$models" "${size[@]}" "${batches[@]}" "${timing[@]}" \

@@ -30,7 +30,10 @@ def shapes_records(shapes_tree, tmp_path_factory) -> Path:
     return out
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def cuda(test):
+    """A test that needs CUDA: skipped without it; `pytest -m gpu` runs just these."""
+    needs = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    return pytest.mark.gpu(needs(test))
 
 
 STEP = 24  # colour levels between ids: survives JPEG, crop and resize
