@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from train.rundir import device_name, environment
+from train.trainer import DTYPES
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's training set
@@ -28,7 +29,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: FP16 on CUDA, FP32 on the CPU."""
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return DTYPES[name]
 
 
 def parse_models(text: str) -> list[str] | None:

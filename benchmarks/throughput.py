@@ -30,7 +30,7 @@ from pipeline import Loader
 from train.loss import SoftTargetCrossEntropy
 from train.optim import build_optimizer
 from train.schedule import lr_at, scaled_lr
-from train.trainer import train_step
+from train.trainer import DTYPES, train_step
 
 from .report import render
 from .results import (IMAGENET_TRAIN, Timer, entry, parse_models, resolve_device,
@@ -91,7 +91,7 @@ def run_config(args, model_name: str, mode: str, batch: int, device: torch.devic
     channels_last = mode != "baseline"
     compile_mode = COMPILE_MODES.get(mode)
     size = args.size or default_input_size(model_name)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = DTYPES[precision]
     classes = 1000
     model = create_model(model_name, num_classes=classes).to(device)
     if channels_last:
