@@ -7,7 +7,8 @@
 # QUICK=1: a 500/100-per-class subset and 2 epochs, for a rehearsal on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+. scripts/srcpath.sh
+export PYTHONUNBUFFERED=1
 export TRICKS_CACHE=${TRICKS_CACHE:-/tmp/tricks-cache}
 OUT=${OUT:-ablate-out}
 CIFAR=${CIFAR:-../shared/data/cifar10-jpg.tar.gz}
@@ -18,9 +19,9 @@ if [ "${QUICK:-0}" = 1 ]; then
 else
   subset=() epochs=6 workers=14 batch=512 precision=fp16 width=64
 fi
-tree=$($py -m benchmarks.cifar10 "$CIFAR" "$work/tree" "${subset[@]}" | tail -1)
-$py -m train.cli convert "$tree" "$work/cifar10" --workers "$workers" | tail -3
-$py -m train.cli ablate --table 6 --seeds 3 --out "$OUT" \
+tree=$($py -m tricks.benchmarks.cifar10 "$CIFAR" "$work/tree" "${subset[@]}" | tail -1)
+$py -m tricks.train.cli convert "$tree" "$work/cifar10" --workers "$workers" | tail -3
+$py -m tricks.train.cli ablate --table 6 --seeds 3 --out "$OUT" \
     data.path="$work/cifar10" data.image_size=32 data.crop_ratio=1.0 "data.scale=[0.35, 1]" \
     data.workers="$workers" model.name=resnet18d model.cifar_stem=true model.width="$width" \
     train.epochs="$epochs" train.batch="$batch" train.precision="$precision" optim.lr=0.4 \

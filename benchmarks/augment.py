@@ -4,8 +4,8 @@ Each op, and the full stack (jitter → lighting → erasing → normalize → m
 and mix stages run it), is timed per batch, beside one ResNet-50-D training step (channels-last,
 FP16 autocast with a gradient scaler on CUDA). Median of several timed windows after warm-up.
 
-    python -m benchmarks.augment                 # CUDA: batch 256 × 224², fp16
-    python -m benchmarks.augment --batch 16      # the CPU default is small
+    python -m tricks.benchmarks.augment                 # CUDA: batch 256 × 224², fp16
+    python -m tricks.benchmarks.augment --batch 16      # the CPU default is small
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from contextlib import nullcontext
 
 import torch
 
-from models import create_model
-from pipeline.augment import ColorJitter, Cutout, Lighting, RandomErasing
-from pipeline.autoaugment import BatchAutoAugment
-from pipeline.mix import CutMix, Mixup, Ricap
-from pipeline.sampling import keyed_generator
-from pipeline.stages import Stages
+from tricks.models import create_model
+from tricks.pipeline.augment import ColorJitter, Cutout, Lighting, RandomErasing
+from tricks.pipeline.autoaugment import BatchAutoAugment
+from tricks.pipeline.mix import CutMix, Mixup, Ricap
+from tricks.pipeline.sampling import keyed_generator
+from tricks.pipeline.stages import Stages
 
 from .results import Timer, entry, resolve_device, resolve_dtype, write_results
 
@@ -39,7 +39,7 @@ def _time(fn, device, warmup: int, runs: int, iters: int) -> list[float]:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.augment", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tricks.benchmarks.augment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 16 on the CPU")
     p.add_argument("--size", type=int, default=224)
@@ -124,5 +124,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # through the CLI: its one-line errors
-    from train.cli import main as tricks
+    from tricks.train.cli import main as tricks
     sys.exit(tricks(["bench", "augment", *sys.argv[1:]]))

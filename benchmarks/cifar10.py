@@ -1,6 +1,6 @@
 """A class-balanced subset of the CIFAR-10 JPEG tarball as an ImageFolder tree (train/ test/).
 
-    python -m benchmarks.cifar10 ../shared/data/cifar10-jpg.tar.gz /tmp/cifar --train 500 --test 100
+    python -m tricks.benchmarks.cifar10 ../shared/data/cifar10-jpg.tar.gz /tmp/cifar --train 500 --test 100
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def extract_subset(tarball: str | Path, dst: str | Path, train: int | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.cifar10", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tricks.benchmarks.cifar10", description=__doc__)
     p.add_argument("tarball")
     p.add_argument("dst")
     p.add_argument("--train", type=int, default=None, help="images per class (default: all)")

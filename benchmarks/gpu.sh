@@ -10,7 +10,8 @@
 # QUICK=1 shrinks everything for a rehearsal on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+. scripts/srcpath.sh
+export PYTHONUNBUFFERED=1
 export TRICKS_CACHE=${TRICKS_CACHE:-/tmp/tricks-cache}
 OUT=${OUT:-gpu-out}
 py=${PYTHON:-python3}
@@ -41,15 +42,15 @@ fi
 tail -n 3 "$R/cuda-tests.log"
 
 stamp "Table 3, synthetic input"
-$py -m benchmarks.throughput --models "$models" "${size[@]}" "${batches[@]}" "${timing[@]}" \
+$py -m tricks.benchmarks.throughput --models "$models" "${size[@]}" "${batches[@]}" "${timing[@]}" \
     --out "$R/train-synthetic" 2>&1 | tee "$R/train-synthetic.log"
 
 stamp "generated JPEGs"
 $py - "$images" "$workers" <<'PY'
 import sys
-from benchmarks.loader import make_jpegs
-from pipeline.convert import convert
-from train.data import cache_dir
+from tricks.benchmarks.loader import make_jpegs
+from tricks.pipeline.convert import convert
+from tricks.train.data import cache_dir
 n, workers = int(sys.argv[1]), int(sys.argv[2])
 tree = make_jpegs(cache_dir() / "bench" / f"jpegs-{n}", n, workers=workers)
 out = cache_dir() / "bench" / f"records-jpegs-{n}"
@@ -63,7 +64,7 @@ if $py -c 'from pipeline.engines.base import engine_class; engine_class("dali")'
 fi
 
 stamp "ResNet-50-D from JPEGs ($engines)"
-$py -m benchmarks.throughput --models resnet50d --data "$records" --engines "$engines" \
+$py -m tricks.benchmarks.throughput --models resnet50d --data "$records" --engines "$engines" \
     --workers "$workers" "${size[@]}" "${batches[@]}" "${timing[@]}" --out "$R/train-data" \
     2>&1 | tee "$R/train-data.log"
 
@@ -77,7 +78,7 @@ within() {  # within SECONDS PART: true if less than SECONDS have been used so f
 }
 if within "${COMPILE_BEFORE_S:-200}" "torch.compile and CUDA graphs"; then
   stamp "ResNet-50 with torch.compile and CUDA graphs"
-  if $py -m benchmarks.throughput --models "${compile_models:-resnet50}" --compile --cuda-graphs \
+  if $py -m tricks.benchmarks.throughput --models "${compile_models:-resnet50}" --compile --cuda-graphs \
       "${size[@]}" "${batches[@]}" "${timing[@]}" --out "$R/train-compile" \
       > "$R/train-compile.log" 2>&1; then
     cp "$R/train-compile/train.md" "$OUT/table3-compile.md"
@@ -87,11 +88,11 @@ if within "${COMPILE_BEFORE_S:-200}" "torch.compile and CUDA graphs"; then
 fi
 if within "${LOADER_BEFORE_S:-330}" "the loader benchmark"; then
   stamp "loader"
-  $py -m benchmarks.loader --images "$images" --batch "$loader_batch" --workers "$workers" \
+  $py -m tricks.benchmarks.loader --images "$images" --batch "$loader_batch" --workers "$workers" \
       --runs 3 --out "$R/loader" 2>&1 | tee "$R/loader.log"
 fi
 if within "${AUGMENT_BEFORE_S:-390}" "the augment benchmark"; then
   stamp "augment"
-  $py -m benchmarks.augment "${augment[@]}" --out "$R/augment" 2>&1 | tee "$R/augment.log"
+  $py -m tricks.benchmarks.augment "${augment[@]}" --out "$R/augment" 2>&1 | tee "$R/augment.log"
 fi
 stamp "done"

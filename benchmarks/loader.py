@@ -5,8 +5,8 @@ Both read the same JPEGs (the records hold the tree's bytes unchanged), make the
 batches (random-resized crop + flip, uint8 → normalized, channels-last, on the device) with the
 same worker count, and are timed per epoch after one warm-up epoch; the median is reported.
 
-    python -m benchmarks.loader                        # 512 generated ~450 px JPEGs
-    python -m benchmarks.loader --data /data/imagenet/train --images 10000
+    python -m tricks.benchmarks.loader                        # 512 generated ~450 px JPEGs
+    python -m tricks.benchmarks.loader --data /data/imagenet/train --images 10000
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import Loader
-from pipeline.convert import convert
-from pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
-from train.data import cache_dir
+from tricks.pipeline import Loader
+from tricks.pipeline.convert import convert
+from tricks.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
+from tricks.train.data import cache_dir
 
 from .results import Timer, entry, resolve_device, resolve_dtype, write_results
 
@@ -80,8 +80,8 @@ def _subset_tree(src: Path, dst: Path, count: int) -> Path:
 
 def trick_stack():
     """The full trick stack of the target: jitter, lighting, erasing (augment) and mixup."""
-    from pipeline.augment import ColorJitter, Lighting, RandomErasing
-    from pipeline.mix import Mixup
+    from tricks.pipeline.augment import ColorJitter, Lighting, RandomErasing
+    from tricks.pipeline.mix import Mixup
     return dict(augment=[ColorJitter(), Lighting(), RandomErasing()], mix=Mixup())
 
 
@@ -113,7 +113,7 @@ def bench_engine(records: Path, args, device, dtype, engine: str, options: dict,
 
 def records_to_tree(records: Path, dst: Path) -> Path:
     """The records' stored JPEGs written back as an ImageFolder tree (for torchvision)."""
-    from pipeline.records import RecordFile, read_classes
+    from tricks.pipeline.records import RecordFile, read_classes
     if (dst / ".complete").is_file():
         return dst
     classes = read_classes(records)
@@ -162,7 +162,7 @@ def _installed(module: str) -> bool:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tricks.benchmarks.loader", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="an ImageFolder tree (default: generated JPEGs)")
     p.add_argument("--images", type=int, default=512, help="how many images to read")
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         ["native"] + (["dali", "dali-files"] if _installed("nvidia.dali") else []) + \
         (["ffcv"] if _installed("ffcv") else []) + ["torchvision"]
     if "ffcv" in engines and not (records / "train.beton").is_file():
-        from pipeline.beton import write_beton  # before any FFCV loader exists in this process
+        from tricks.pipeline.beton import write_beton  # before any FFCV loader exists in this process
         write_beton(records / "train.rec", workers=max(1, args.workers), jpeg_quality=90)
     runs = [(e, False) for e in engines] + \
         [(e, True) for e in engines if args.stack and e != "torchvision"]
@@ -249,5 +249,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # through the CLI: its one-line errors
-    from train.cli import main as tricks
+    from tricks.train.cli import main as tricks
     sys.exit(tricks(["bench", "loader", *sys.argv[1:]]))

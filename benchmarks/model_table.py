@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from models import count_macs, count_params, create_model
+from tricks.models import count_macs, count_params, create_model
 
 from .results import RESULTS_DIR, parse_models
 
@@ -60,5 +60,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # through the CLI: its one-line errors
-    from train.cli import main as tricks
+    from tricks.train.cli import main as tricks
     sys.exit(tricks(["bench", "models", *sys.argv[1:]]))

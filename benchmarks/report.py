@@ -135,6 +135,6 @@ def render(json_path: str | Path) -> tuple[dict, Path, Path]:
             write_chart(json_path, summary, title))
 
 
-if __name__ == "__main__":  # python -m benchmarks.report train.json: redraw table and chart
+if __name__ == "__main__":  # python -m tricks.benchmarks.report train.json: redraw table and chart
     for arg in sys.argv[1:]:
         print(*render(arg)[1:])

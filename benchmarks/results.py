@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from train.rundir import device_name, environment
-from train.trainer import DTYPES
+from tricks.train.rundir import device_name, environment
+from tricks.train.trainer import DTYPES
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's training set
@@ -34,7 +34,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def parse_models(text: str) -> list[str] | None:
     """Comma-separated registered model names; None (and a one-line error) for unknown ones."""
-    from models import list_models
+    from tricks.models import list_models
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in list_models()]
     if unknown:

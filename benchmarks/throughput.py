@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from models import create_model, default_input_size
-from pipeline import Loader
-from train.loss import SoftTargetCrossEntropy
-from train.optim import build_optimizer
-from train.schedule import lr_at, scaled_lr
-from train.trainer import DTYPES, train_step
+from tricks.models import create_model, default_input_size
+from tricks.pipeline import Loader
+from tricks.train.loss import SoftTargetCrossEntropy
+from tricks.train.optim import build_optimizer
+from tricks.train.schedule import lr_at, scaled_lr
+from tricks.train.trainer import DTYPES, train_step
 
 from .report import render
 from .results import (IMAGENET_TRAIN, Timer, entry, parse_models, resolve_device,
@@ -242,5 +242,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # through the CLI: its one-line errors
-    from train.cli import main as tricks
+    from tricks.train.cli import main as tricks
     sys.exit(tricks(["bench", "train", *sys.argv[1:]]))

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.convert import convert
-from pipeline.synthetic import make_dataset
+from tricks.pipeline.convert import convert
+from tricks.pipeline.synthetic import make_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -4,9 +4,9 @@ import sys
 
 import torch
 
-from train import distributed
-from train.config import load_config
-from train.trainer import Trainer
+from tricks.train import distributed
+from tricks.train.config import load_config
+from tricks.train.trainer import Trainer
 
 out, overrides = sys.argv[1], sys.argv[2:]
 trainer = Trainer(load_config([], overrides), progress=False)

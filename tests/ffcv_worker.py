@@ -8,7 +8,7 @@ import sys
 import torch
 
 from conftest import ids_of
-from pipeline import Loader
+from tricks.pipeline import Loader
 
 root, epochs, splits = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 out = {"threads": torch.get_num_threads()}

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from train.ablate import interval, verdict
-from train.cli import main
+from tricks.train.ablate import interval, verdict
+from tricks.train.cli import main
 
 TINY = ["model.width=4", "data.image_size=16", "train.epochs=1", "data.workers=0",
         "train.batch=32", "model.name=resnet18d"]

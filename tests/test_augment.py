@@ -5,12 +5,12 @@ import torch
 import torchvision.transforms.functional as TF
 
 from conftest import cuda
-from pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, Lighting, RandomErasing,
+from tricks.pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, Lighting, RandomErasing,
                               apply_cutout, apply_erasing, apply_jitter, apply_lighting,
                               draw_cutout, draw_erasing, draw_jitter, draw_lighting)
-from pipeline.autoaugment import BatchAutoAugment
-from pipeline.errors import OptionError
-from pipeline.sampling import keyed_generator
+from tricks.pipeline.autoaugment import BatchAutoAugment
+from tricks.pipeline.errors import OptionError
+from tricks.pipeline.sampling import keyed_generator
 
 
 def _images(n=16, h=24, w=20, seed=0, dtype=torch.float32):
@@ -167,7 +167,7 @@ def test_autoaugment_each_op_kind_matches_torchvision():
     """Every op of the table, forced on, with its largest magnitude."""
     from torchvision.transforms.autoaugment import InterpolationMode, _apply_op
 
-    from pipeline.autoaugment import OPS
+    from tricks.pipeline.autoaugment import OPS
     x_u8 = (torch.rand(4, 3, 32, 28, generator=torch.Generator().manual_seed(1)) * 255).round()
     x_u8 = x_u8.to(torch.uint8)
     for name, (fn, mag, signed) in OPS.items():
@@ -254,7 +254,7 @@ def test_cpu_and_cuda_agree(name):
 
 
 def test_loader_augment_draws_are_keyed_by_seed_and_epoch(shapes_records):
-    from pipeline import Loader
+    from tricks.pipeline import Loader
 
     def batch(epoch, seed=0):
         # validation crops are fixed, so any difference comes from the augment draw

@@ -1,6 +1,6 @@
 import json
 
-from benchmarks.loader import main
+from tricks.benchmarks.loader import main
 
 
 def test_loader_benchmark_writes_valid_results(tmp_path, capsys):
@@ -22,7 +22,7 @@ def test_loader_benchmark_writes_valid_results(tmp_path, capsys):
 
 
 def test_augment_benchmark_writes_valid_results(tmp_path):
-    from benchmarks.augment import main as augment_main
+    from tricks.benchmarks.augment import main as augment_main
     assert augment_main(["--batch", "4", "--size", "32", "--runs", "2", "--iters", "1",
                          "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "augment.json").read_text())

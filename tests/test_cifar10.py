@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.cifar10 import extract_subset
+from tricks.benchmarks.cifar10 import extract_subset
 from conftest import SHARED_DATA
-from pipeline.convert import convert
-from train.cli import main
+from tricks.pipeline.convert import convert
+from tricks.train.cli import main
 
 TARBALL = SHARED_DATA / "cifar10-jpg.tar.gz"
 PER_CLASS = {"train": 500, "test": 100}

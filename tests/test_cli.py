@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.cli import main
+from tricks.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_fp16_on_the_cpu_is_a_one_line_error(capsys, shapes_records):
 
 
 def test_console_script_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "train.cli", "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "tricks.train.cli", "--help"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0 and "convert" in out.stdout and "train" in out.stdout
 
@@ -58,7 +58,7 @@ def test_convert_command_prints_the_report(tmp_path, capsys, shapes_tree):
 def test_show_batch_writes_a_captioned_grid(tmp_path, capsys, shapes_records):
     from PIL import Image
 
-    from pipeline.preview import caption
+    from tricks.pipeline.preview import caption
     out = tmp_path / "grid.png"
     assert main(["show-batch", f"data.path={shapes_records}", "data.image_size=32",
                  "data.workers=0", "augment.ops=[jitter, erasing]", "mix.name=mixup",

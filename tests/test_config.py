@@ -1,8 +1,8 @@
 
 import pytest
 
-from train.cli import CONFIG_DIR
-from train.config import ConfigError, load_config
+from tricks.train.cli import CONFIG_DIR
+from tricks.train.config import ConfigError, load_config
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.convert import convert, format_report, inspect_and_encode
-from pipeline.errors import DataError
-from pipeline.records import RecordFile, RecordWriter, read_classes
+from tricks.pipeline.convert import convert, format_report, inspect_and_encode
+from tricks.pipeline.errors import DataError
+from tricks.pipeline.records import RecordFile, RecordWriter, read_classes
 
 
 def _jpeg(w=40, h=30, mode="RGB", fmt="JPEG", **kw) -> bytes:

@@ -6,8 +6,8 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from conftest import cuda, ids_of  # noqa: E402
-from pipeline import Loader  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
+from tricks.pipeline import Loader  # noqa: E402
+from tricks.pipeline.errors import UserError  # noqa: E402
 
 def _epoch(root, split, source, epoch=0, world=1, rank=0, batch=8, train=None, size=24):
     loader = Loader(root, split, batch, train=train, image_size=size, engine="dali",
@@ -101,8 +101,8 @@ def test_image_size_can_change_between_epochs(coloured):
 
 
 def test_augment_and_mix_run_after_dali(coloured):
-    from pipeline.augment import ColorJitter, RandomErasing
-    from pipeline.mix import Mixup
+    from tricks.pipeline.augment import ColorJitter, RandomErasing
+    from tricks.pipeline.mix import Mixup
     root, _ = coloured
     loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2,
                     augment=[ColorJitter(), RandomErasing(p=1.0)], mix=Mixup())
@@ -118,7 +118,7 @@ def test_missing_dali_is_a_one_line_install_hint(coloured, monkeypatch):
 
 
 def test_training_with_the_dali_engine(coloured, tmp_path):
-    from train.cli import main
+    from tricks.train.cli import main
     root, _ = coloured
     assert main(["train", "--no-progress", f"data.path={root}", "data.engine=dali",
                  "data.image_size=24", "data.workers=2", "model.name=resnet18d",

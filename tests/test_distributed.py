@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpoint import load_checkpoint
+from tricks.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -52,7 +52,7 @@ def test_two_gloo_ranks_equal_one_process_accumulating_two_micro_batches(shapes_
 
 
 def _train(tmp_path, name, *extra):
-    return [sys.executable, "-m", "train.cli", "train", "--no-progress", *BASE, *extra,
+    return [sys.executable, "-m", "tricks.train.cli", "train", "--no-progress", *BASE, *extra,
             f"train.out={tmp_path}", f"train.name={name}"]
 
 
@@ -114,7 +114,7 @@ def test_sigkill_then_resume_is_bitwise_identical(shapes_records, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     cut_at = load_checkpoint(ckpt)["step"]
     assert cut_at < 48
-    resumed = subprocess.run([sys.executable, "-m", "train.cli", "train", "--no-progress",
+    resumed = subprocess.run([sys.executable, "-m", "tricks.train.cli", "train", "--no-progress",
                               "--resume", str(run)], cwd=ROOT, env=ENV, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

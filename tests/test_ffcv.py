@@ -16,10 +16,10 @@ if importlib.util.find_spec("ffcv") is None:
     pytest.skip("FFCV is not installed", allow_module_level=True)
 
 from conftest import colour_of  # noqa: E402
-from pipeline import Loader  # noqa: E402
-from pipeline.beton import write_beton  # noqa: E402
-from pipeline.convert import convert  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
+from tricks.pipeline import Loader  # noqa: E402
+from tricks.pipeline.beton import write_beton  # noqa: E402
+from tricks.pipeline.convert import convert  # noqa: E402
+from tricks.pipeline.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}

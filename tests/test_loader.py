@@ -6,10 +6,10 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 
 from conftest import cuda
-from pipeline import Loader
-from pipeline.engines.native import crop_resize_flip, pil_crop, size_groups
-from pipeline.errors import DataError
-from pipeline.sampling import EpochPlan, keyed_generator, random_resized_boxes
+from tricks.pipeline import Loader
+from tricks.pipeline.engines.native import crop_resize_flip, pil_crop, size_groups
+from tricks.pipeline.errors import DataError
+from tricks.pipeline.sampling import EpochPlan, keyed_generator, random_resized_boxes
 
 
 def _loader(root, split="train", **kw):
@@ -225,8 +225,8 @@ def test_a_corrupt_record_is_a_one_line_error_naming_file_and_record(tmp_path, c
                                                                       shapes_records, workers):
     import shutil
 
-    from pipeline.records import RecordFile, RecordWriter
-    from train.cli import _one_line
+    from tricks.pipeline.records import RecordFile, RecordWriter
+    from tricks.train.cli import _one_line
 
     src = RecordFile(shapes_records / "val.rec")
     root = tmp_path / "bad"
@@ -260,7 +260,7 @@ def test_pil_crop_of_the_whole_image_after_dct_downscaling(w, h):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3),
                                        (torch.bfloat16, 3e-2)])
 def test_normalize_stage_matches_the_definition(dtype, tol):
-    from pipeline.stages import IMAGENET_MEAN, IMAGENET_STD, Stages
+    from tricks.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD, Stages
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8).contiguous(
         memory_format=torch.channels_last)
     out, targets = Stages(dtype, 10)(x, torch.arange(4), None)

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from train.loss import SoftTargetCrossEntropy, smooth
+from tricks.train.loss import SoftTargetCrossEntropy, smooth
 
 
 def test_paper_label_smoothing_targets():

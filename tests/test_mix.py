@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import cuda
-from pipeline import Loader
-from pipeline.errors import OptionError
-from pipeline.mix import CutMix, Mixup, Ricap, cutmix, mixup, ricap
-from pipeline.sampling import keyed_generator
-from train.loss import SoftTargetCrossEntropy, smooth
+from tricks.pipeline import Loader
+from tricks.pipeline.errors import OptionError
+from tricks.pipeline.mix import CutMix, Mixup, Ricap, cutmix, mixup, ricap
+from tricks.pipeline.sampling import keyed_generator
+from tricks.train.loss import SoftTargetCrossEntropy, smooth
 
 K = 10
 

@@ -3,8 +3,8 @@ import torch
 import torchvision
 from torch import nn
 
-from models import count_macs, create_model, list_models, load_torchvision_state_dict, register
-from models.resnet import BasicBlock, Bottleneck
+from tricks.models import count_macs, create_model, list_models, load_torchvision_state_dict, register
+from tricks.models.resnet import BasicBlock, Bottleneck
 
 TABLE5_GMACS = {"resnet50": 3.8, "resnet50b": 4.1, "resnet50c": 4.3, "resnet50d": 4.3}
 
@@ -17,7 +17,7 @@ def test_forward_macs_match_table5(name):
 
 def test_mobilenet_v1_matches_its_paper():
     """Howard et al. 2017, Table 1: 569 M multiply-adds and 4.2 M parameters at 224²."""
-    from models import count_params
+    from tricks.models import count_params
     m = create_model("mobilenet_v1")
     assert round(count_macs(m, 224) / 1e6) == 569
     assert round(count_params(m) / 1e6, 1) == 4.2

@@ -1,5 +1,5 @@
-from models import create_model
-from train.optim import build_optimizer, param_groups
+from tricks.models import create_model
+from tricks.train.optim import build_optimizer, param_groups
 
 
 def test_no_bias_decay_groups_by_structure_including_downsample_bn():

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from train.schedule import lr_at, scaled_lr
+from tricks.train.schedule import lr_at, scaled_lr
 
 
 def test_linear_scaling_rule():

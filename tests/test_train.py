@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-import train.trainer as trainer_mod
+import tricks.train.trainer as trainer_mod
 from conftest import cuda
-from train.checkpoint import load_checkpoint
-from train.cli import main
-from train.config import load_config
-from train.trainer import Trainer
+from tricks.train.checkpoint import load_checkpoint
+from tricks.train.cli import main
+from tricks.train.config import load_config
+from tricks.train.trainer import Trainer
 
 SMALL = ["model.name=resnet18d", "model.width=8", "data.image_size=32", "data.workers=0",
          "train.batch=32", "train.log_every=1", "data.scale=[0.35, 1]", "optim.lr=0.2"]
@@ -110,8 +110,8 @@ def test_folder_tree_is_converted_on_the_fly(shapes_tree, tmp_path, monkeypatch)
 def test_model_weights_option_loads_a_torchvision_state_dict(tmp_path):
     import torchvision
 
-    from train.config import ConfigError
-    from train.trainer import build_model
+    from tricks.train.config import ConfigError
+    from tricks.train.trainer import build_model
 
     tv = torchvision.models.resnet18(num_classes=10).eval()
     torch.save(tv.state_dict(), tmp_path / "r18.pth")
@@ -161,9 +161,9 @@ def test_efficient_step_makes_no_host_sync_with_fused_sgd(fused):
     """FP16 + gradient scaler + fused SGD: the inf/NaN check stays on the GPU, so a step queues
     without waiting for it. The unfused step reads the flag back (.item()); that it is caught
     shows the check can fail."""
-    from models import create_model
-    from train.loss import SoftTargetCrossEntropy
-    from train.optim import build_optimizer
+    from tricks.models import create_model
+    from tricks.train.loss import SoftTargetCrossEntropy
+    from tricks.train.optim import build_optimizer
 
     dev = torch.device("cuda")
     model = create_model("resnet18d", num_classes=10, width=8).to(dev)

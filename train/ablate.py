@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
+from tricks.pipeline.errors import UserError
 
 from .config import load_config
 from .data import resolve_dataset

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from tricks.pipeline.errors import UserError
 
 FORMAT_VERSION = 1
 

@@ -2,13 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from tricks.pipeline.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _preset_dir() -> Path:
+    """configs/ in a source tree, or the ``tricks.configs`` package data of an installed wheel."""
+    spec = importlib.util.find_spec("tricks.configs")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the presets (package tricks.configs) are missing from this install")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+CONFIG_DIR = _preset_dir()
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -75,7 +86,11 @@ def config_path(name: str) -> Path:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
-    return CONFIG_DIR / f"{name}.yaml"
+    preset = CONFIG_DIR / f"{name}.yaml"
+    if not preset.is_file():
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise UserError(f"unknown preset {name!r}; presets: {names} (or give a YAML file)")
+    return preset
 
 
 def cmd_train(args) -> int:
@@ -120,7 +135,7 @@ def cmd_train(args) -> int:
 def cmd_show_batch(args) -> int:
     import torch
 
-    from pipeline.preview import save_grid
+    from tricks.pipeline.preview import save_grid
 
     from .config import load_config
     from .data import make_loaders, resolve_dataset
@@ -145,7 +160,7 @@ def cmd_bench(args) -> int:
     import importlib
     module = {"train": "throughput", "models": "model_table", "loader": "loader",
               "augment": "augment"}[args.name]
-    return importlib.import_module(f"benchmarks.{module}").main(args.args)
+    return importlib.import_module(f"tricks.benchmarks.{module}").main(args.args)
 
 
 def cmd_ablate(args) -> int:
@@ -194,7 +209,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from pipeline.convert import convert, format_report
+    from tricks.pipeline.convert import convert, format_report
     beton = None
     if args.format == "beton":
         beton = dict(write_mode=args.beton_mode, max_resolution=args.beton_max_resolution,

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import UserError
+from tricks.pipeline.errors import UserError
 
 
 class ConfigError(UserError):

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import Loader
-from pipeline.convert import convert, format_report
-from pipeline.errors import DataError, OptionError
-from pipeline.ops import make_op
-from pipeline.records import CLASSES_FILE, list_splits
-from pipeline.synthetic import make_dataset
+from tricks.pipeline import Loader
+from tricks.pipeline.convert import convert, format_report
+from tricks.pipeline.errors import DataError, OptionError
+from tricks.pipeline.ops import make_op
+from tricks.pipeline.records import CLASSES_FILE, list_splits
+from tricks.pipeline.synthetic import make_dataset
 
 from .config import Config, ConfigError
 

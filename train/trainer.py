@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from models import create_model, load_torchvision_state_dict
-from pipeline.errors import UserError
+from tricks.models import create_model, load_torchvision_state_dict
+from tricks.pipeline.errors import UserError
 
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
