@@ -69,3 +69,13 @@ def test_show_batch_writes_a_captioned_grid(tmp_path, capsys, shapes_records):
     classes = ["a", "b", "c"]
     assert caption(torch.tensor(1), classes) == "b"
     assert caption(torch.tensor([0.7, 0.0, 0.3]), classes) == "a .70 c .30"
+
+
+def test_a_misspelt_model_is_reported_before_the_dataset_is_built(capsys, monkeypatch):
+    import tricks.train.trainer as trainer
+
+    def build_dataset(*a, **k):
+        raise AssertionError("the dataset was built before the config was checked")
+    monkeypatch.setattr(trainer, "resolve_dataset", build_dataset)
+    code, err = _run(capsys, "train", "model.name=resnt18d")
+    assert code == 1 and err.startswith("error: model.name='resnt18d': unknown model")

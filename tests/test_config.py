@@ -57,3 +57,22 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
         load_config([bad])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config([tmp_path / "missing.yaml"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.name=resnet50dd", "model.name='resnet50dd': unknown model (did you mean resnet50d?)"),
+    ("teacher.model=resnt152d", "teacher.model='resnt152d': unknown model"),
+])
+def test_a_misspelt_model_name_is_a_config_error(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [override])
+    assert message in str(e.value)
+
+
+def test_refined_preset_says_what_section_5_says():
+    cfg = load_config([CONFIG_DIR / f"{n}.yaml" for n in ("baseline", "efficient", "refined")])
+    assert cfg.schedule.name == "cosine" and cfg.schedule.warmup_epochs == 5
+    assert cfg.train.label_smoothing == 0.1 and cfg.train.epochs == 200
+    assert (cfg.mix.name, cfg.mix.alpha) == ("mixup", 0.2)
+    assert (cfg.teacher.checkpoint, cfg.teacher.temperature) == (None, 20.0)
+    assert (cfg.model.name, cfg.train.batch, cfg.train.precision) == ("resnet50d", 1024, "fp16")

@@ -239,7 +239,19 @@ _CHOICES = {
 }
 
 
+def _check_model_names(cfg: Config) -> None:
+    """Names the zoo does not know are errors now, not after the dataset has been built."""
+    from tricks.models import list_models
+    known = list_models()
+    for key, name in (("model.name", cfg.model.name), ("teacher.model", cfg.teacher.model)):
+        if name is not None and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{key}={name!r}: unknown model{hint}; known: {', '.join(known)}")
+
+
 def validate(cfg: Config) -> None:
+    _check_model_names(cfg)
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
