@@ -22,7 +22,7 @@ from tricks.pipeline.mix import CutMix, Mixup, Ricap
 from tricks.pipeline.sampling import keyed_generator
 from tricks.pipeline.stages import Stages
 
-from .results import Timer, entry, resolve_device, resolve_dtype, write_results
+from .results import OUT_HELP, Timer, entry, resolve_device, resolve_dtype, write_results
 
 
 def _time(fn, device, warmup: int, runs: int, iters: int) -> list[float]:
@@ -39,7 +39,7 @@ def _time(fn, device, warmup: int, runs: int, iters: int) -> list[float]:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tricks.benchmarks.augment", description=__doc__,
+    p = argparse.ArgumentParser(prog="tricks bench augment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 16 on the CPU")
     p.add_argument("--size", type=int, default=224)
@@ -48,7 +48,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--iters", type=int, default=None, help="calls per window (default 10/2)")
     p.add_argument("--no-train-step", action="store_true", help="skip the ResNet-50-D step")
-    p.add_argument("--out", help="results folder (default: benchmarks/results/<device>/)")
+    p.add_argument("--out", help=OUT_HELP)
     return p
 
 

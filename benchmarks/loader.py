@@ -24,7 +24,7 @@ from tricks.pipeline.convert import convert
 from tricks.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
 from tricks.train.data import cache_dir
 
-from .results import Timer, entry, resolve_device, resolve_dtype, write_results
+from .results import OUT_HELP, Timer, entry, resolve_device, resolve_dtype, write_results
 
 
 def _make_jpeg(args: tuple[Path, int, int, int]) -> None:
@@ -162,7 +162,7 @@ def _installed(module: str) -> bool:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tricks.benchmarks.loader", description=__doc__,
+    p = argparse.ArgumentParser(prog="tricks bench loader", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="an ImageFolder tree (default: generated JPEGs)")
     p.add_argument("--images", type=int, default=512, help="how many images to read")
@@ -181,7 +181,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "(default: all that are installed)")
     p.add_argument("--stack", action="store_true",
                    help="also run native and DALI with jitter + lighting + erasing + mixup")
-    p.add_argument("--out", help="results folder (default: benchmarks/results/<device>/)")
+    p.add_argument("--out", help=OUT_HELP)
     return p
 
 

@@ -11,7 +11,7 @@ import torch
 
 from tricks.models import count_macs, count_params, create_model
 
-from .results import RESULTS_DIR, parse_models
+from .results import default_results_dir, parse_models
 
 # He et al. 2018, Table 5: FLOPs (multiply-adds) in G
 PAPER_GMACS = {"resnet50": 3.8, "resnet50b": 4.1, "resnet50c": 4.3, "resnet50d": 4.3}
@@ -23,7 +23,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=DEFAULT)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--out", help="folder for models.json and models.md (default: "
-                                 "benchmarks/results/)")
+                                 "benchmarks/results/ in a source checkout, "
+                                 "./benchmarks-results/ for an installed package)")
     return p
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                      "diff_pct": 100 * (macs - paper) / paper if paper else None})
         print(f"{name:12s} {rows[-1]['params_m']:7.2f} M params  {macs:6.2f} GMACs"
               + (f"  (paper {paper})" if paper else ""))
-    out = Path(args.out) if args.out else RESULTS_DIR
+    out = Path(args.out) if args.out else default_results_dir()
     out.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "models", "image_size": args.size, "torch": torch.__version__,
            "source_of_paper_values": "He et al. 2018, Bag of Tricks, Table 5", "rows": rows}

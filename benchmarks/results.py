@@ -14,8 +14,19 @@ import torch
 from tricks.train.rundir import device_name, environment
 from tricks.train.trainer import DTYPES
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+OUT_HELP = ("results folder (default: benchmarks/results/<device>/ in a source checkout, "
+            "./benchmarks-results/<device>/ for an installed package)")
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's training set
+
+
+def default_results_dir(package_dir: Path = _PACKAGE_DIR) -> Path:
+    """Where results go without ``--out``: ``benchmarks/results/`` of a source checkout (beside
+    the committed results), or ``./benchmarks-results/`` under the current directory when the
+    package is installed (never into site-packages)."""
+    if (package_dir.parent / "pyproject.toml").is_file():
+        return package_dir / "results"
+    return Path.cwd() / "benchmarks-results"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,7 +73,7 @@ def write_results(benchmark: str, device: torch.device, settings: dict, entries:
            "versions": {k: env[k] for k in ("python", "torch", "torchvision", "numpy",
                                             "pillow", "cuda")},
            "settings": settings, "results": entries}
-    out = Path(out_dir) if out_dir else RESULTS_DIR / device_slug(device)
+    out = Path(out_dir) if out_dir else default_results_dir() / device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{benchmark}.json"
     path.write_text(json.dumps(doc, indent=1))

@@ -33,7 +33,7 @@ from tricks.train.schedule import lr_at, scaled_lr
 from tricks.train.trainer import DTYPES, train_step
 
 from .report import render
-from .results import (IMAGENET_TRAIN, Timer, entry, parse_models, resolve_device,
+from .results import (IMAGENET_TRAIN, OUT_HELP, Timer, entry, parse_models, resolve_device,
                       write_results)
 
 DEFAULT_MODELS = "resnet50,resnet50d,inception_v3,mobilenet_v1,resnet18"
@@ -184,7 +184,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=None, help="timed windows (default 5; CPU 3)")
     p.add_argument("--steps", type=int, default=None, help="steps per window (default 10; CPU 2)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="results folder (default: benchmarks/results/<device>/)")
+    p.add_argument("--out", help=OUT_HELP)
     return p
 
 

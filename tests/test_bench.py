@@ -94,3 +94,23 @@ def test_bench_models_table5(tmp_path):
     assert 25 < rows["resnet50d"]["params_m"] < 26
     md = (tmp_path / "models.md").read_text()
     assert "| resnet50d | 25.58 | 4.33 | 4.3 | +0.7% |" in md
+
+
+@pytest.mark.parametrize("name", ["train", "models", "loader", "augment"])
+def test_bench_help_names_the_command_typed(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", name, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: tricks bench {name} ")
+
+
+def test_default_results_go_under_the_cwd_for_an_installed_package(tmp_path, monkeypatch):
+    from tricks.benchmarks.results import default_results_dir
+    checkout = tmp_path / "repo"
+    (checkout / "benchmarks").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    assert default_results_dir(checkout / "benchmarks") == checkout / "benchmarks" / "results"
+    installed = tmp_path / "venv" / "site-packages" / "tricks" / "benchmarks"
+    installed.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert default_results_dir(installed) == tmp_path / "benchmarks-results"

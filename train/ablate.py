@@ -207,7 +207,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", action="append", default=None, metavar="YAML")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", help="results folder (default: benchmarks/results/ablations/"
-                                 "<dataset>/<device>/)")
+                                 "<dataset>/<device>/ in a source checkout, "
+                                 "./benchmarks-results/ablations/… for an installed package)")
     p.add_argument("--ref-batch", type=int, default=256, help="table 4: the reference batch")
     p.add_argument("--large-batch", type=int, default=1024, help="table 4: the large batch")
     p.add_argument("--warmup-epochs", type=float, default=5, help="table 4: warmup length")
@@ -232,9 +233,9 @@ def main(argv: list[str] | None = None, files_resolver=None) -> int:
     root = resolve_dataset(base.data.path, base.data.max_side, base.data.quality)
     from .rundir import device_name
     dev_name = device_name(torch.device("cuda" if str(device).startswith("cuda") else "cpu"))
+    from tricks.benchmarks.results import default_results_dir
     out = Path(args.out) if args.out else (
-        Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "ablations" /
-        root.name / _slug(dev_name))
+        default_results_dir() / "ablations" / root.name / _slug(dev_name))
     runs = out / "runs"
     overrides = list(args.overrides) + [f"data.path={root}"]
     if args.table == "6":
