@@ -37,6 +37,8 @@ def get_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="CHECKPOINT_OR_RUN_DIR",
                    help="continue a run at the exact iteration it stopped")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit (nothing is built)")
 
     s = sub.add_parser("show-batch", help="a PNG grid of one augmented, mixed training batch")
     s.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -104,6 +106,10 @@ def cmd_train(args) -> int:
         cfg = load_config([], args.overrides, base=load_checkpoint(args.resume)["config"])
     else:
         cfg = load_config([config_path(c) for c in (args.config or ["demo"])], args.overrides)
+    if args.print_config:
+        from .config import dump_config
+        print(dump_config(cfg), end="")
+        return 0
     from . import distributed
     from .trainer import Stopped
 
