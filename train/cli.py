@@ -1,4 +1,4 @@
-"""The ``tricks`` command: train, eval, convert."""
+"""The ``tricks`` command: train, eval, convert, show-batch, plot, bench, ablate."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,10 @@ def get_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="batch.png", help="PNG to write (default: batch.png)")
     s.add_argument("--count", type=int, default=16, help="samples to show")
     s.add_argument("--epoch", type=int, default=0, help="which epoch's draw to show")
+
+    pl = sub.add_parser("plot", help="overlay runs' loss, top-1 and LR against epochs in a PNG")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    pl.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
 
     b = sub.add_parser("bench", help="benchmarks: train (Table 3), models (Table 5), loader, "
                        "augment; `tricks bench NAME --help` for each")
@@ -162,6 +166,12 @@ def cmd_show_batch(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import plot_runs
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import importlib
     module = {"train": "throughput", "models": "model_table", "loader": "loader",
@@ -243,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = get_parser().parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert,
-               "show-batch": cmd_show_batch, "bench": cmd_bench,
+               "show-batch": cmd_show_batch, "plot": cmd_plot, "bench": cmd_bench,
                "ablate": cmd_ablate}[args.command]
     try:
         return handler(args)

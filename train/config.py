@@ -128,6 +128,7 @@ class TrainConfig:
     cudnn_benchmark: bool = True     # let cuDNN time its algorithms for each new input shape
     checkpoint_every: int = 0        # iterations between mid-epoch checkpoints; 0: epoch ends only
     log_every: int = 20              # iterations between reading metrics back from the device
+    tensorboard: bool = True         # TensorBoard events in the run dir (when it is installed)
     eval_every: int = 1              # epochs
     out: str = "runs"
     name: str | None = None          # run folder name; None: a timestamp

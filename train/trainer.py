@@ -24,6 +24,7 @@ from .config import Config, ConfigError, dump_config
 from .data import make_loaders, resolve_dataset
 from .distill import DistillationLoss
 from .loss import SoftTargetCrossEntropy
+from .observe import Observer
 from .optim import build_optimizer
 from .rundir import environment, make_run_dir
 from .schedule import lr_at, scaled_lr
@@ -256,6 +257,8 @@ class Trainer:
         self.log_path = self.run_dir / "train_log.jsonl" if self.run_dir else None
         if state is not None and self.main:
             self._truncate_logs(state)
+        self.observer = Observer(self.run_dir if self.main else None, t.tensorboard,
+                                 self.total_steps, self.step, self.log)
 
     def lr(self, i: int) -> float:
         s = self.cfg.schedule
@@ -327,11 +330,13 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._on_signal)
         except ValueError:  # not the main thread: no handlers, no signal-safe stop
             handlers = {}
+        self.observer.start(self.step)
         try:
             return self._fit()
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
+            self.observer.close()  # curves.png, also for a stopped run
 
     def _fit(self) -> dict:
         cfg = self.cfg
@@ -359,6 +364,7 @@ class Trainer:
             if self.main:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
+                self.observer.epoch(record)
             self.position = self.steps_per_epoch
             self.save()
             self.epoch, self.position = self.epoch + 1, 0
@@ -383,6 +389,8 @@ class Trainer:
                    desc=f"epoch {self.epoch + 1}/{t.epochs} ({size}px)", unit="it",
                    disable=not self.progress, mininterval=1.0)
         for images, targets in loader:
+            if self.step == 0:
+                self.observer.first_batch(images, targets, loader, self.step)
             self.step += 1
             lr = self.lr(self.step)
             for g in self.optimizer.param_groups:
@@ -438,15 +446,17 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, "epoch": self.epoch + 1, "lr": lr,
                                     "loss": mean}) + "\n")
         elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.3g}",
-                        img_s=f"{seen * self.dist.world_size / elapsed:.0f}",
-                        wait=f"{100 * waited / elapsed:.0f}%")
+        img_s, wait = seen * self.dist.world_size / elapsed, waited / elapsed
+        self.observer.window(self.step, mean, lr, img_s, wait)
+        bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}",
+                        wait=f"{100 * wait:.0f}%", run_eta=self.observer.eta(self.step))
 
     def _stop(self) -> None:
         self.save()
         raise Stopped(self._signal or signal.SIGTERM, self.checkpoint_path)
 
     def close(self) -> None:
+        self.observer.close()
         self.train_loader.close()
         if self.val_loader is not None:
             self.val_loader.close()
