@@ -79,3 +79,28 @@ def test_a_misspelt_model_is_reported_before_the_dataset_is_built(capsys, monkey
     monkeypatch.setattr(trainer, "resolve_dataset", build_dataset)
     code, err = _run(capsys, "train", "model.name=resnt18d")
     assert code == 1 and err.startswith("error: model.name='resnt18d': unknown model")
+
+
+def test_the_readme_offers_a_first_training_command_that_runs_on_a_cpu():
+    """The first `tricks train` example names a GPU; the line for a CPU must pass the CPU's
+    precision check (fp16 needs CUDA)."""
+    import shlex
+
+    from tricks.train.cli import config_path
+    from tricks.train.config import ConfigError, load_config
+    from tricks.train.trainer import check_precision
+
+    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines()
+             if ln.startswith(".venv/bin/tricks train -c")]
+    assert "# on a GPU" in lines[0] and "# on a CPU" in lines[1]
+
+    def precision_of(line):
+        args = shlex.split(line.split("#")[0])[2:]
+        files = [config_path(a) for prev, a in zip(["", *args], args) if prev == "-c"]
+        overrides = [a for a in args if "=" in a]
+        return load_config(files, overrides).train.precision
+
+    cpu = torch.device("cpu")
+    check_precision(precision_of(lines[1]), cpu)
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        check_precision(precision_of(lines[0]), cpu)
