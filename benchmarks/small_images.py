@@ -18,6 +18,7 @@ under ``benchmarks/results/<device>/``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -131,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
                 top1[side].append(acc)
                 print(f"seed {seed} {side}: top-1 {100 * acc:.2f}% "
                       f"({wall[side][-1]:.0f} s)", flush=True)
+                # written after each run: a stopped run keeps what it measured
+                path = _write(args, name, cfg, device, top1, wall)
+    med = {s: statistics.median(v) for s, v in top1.items()}
+    print(f"median top-1: preset {100 * med['preset']:.2f}%, plain {100 * med['plain']:.2f}% "
+          f"→ {path}")
+    return 0
+
+
+def _write(args, name: str, cfg: Config, device: torch.device, top1: dict, wall: dict) -> Path:
     settings = dict(dataset=name, preset=args.preset, epochs=args.epochs, batch=args.batch,
                     width=args.width, image_size=args.image_size, seeds=args.seeds,
                     workers=args.workers, train_per_class=args.train if args.tarball else None,
@@ -141,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                           "cross-entropy; whole-image evaluation")
     entries = [entry(side, {"wall_s": wall[side]}, top1[side], unit="top-1")
                for side in ("preset", "plain")]
-    path = write_results(f"small_images-{name}", device, settings, entries, args.out)
-    med = {e["name"]: e["median"] for e in entries}
-    print(f"median top-1: preset {100 * med['preset']:.2f}%, plain {100 * med['plain']:.2f}% "
-          f"→ {path}")
-    return 0
+    return write_results(f"small_images-{name}", device, settings, entries, args.out)
 
 
 if __name__ == "__main__":
