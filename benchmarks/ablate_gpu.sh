@@ -21,9 +21,8 @@ else
 fi
 tree=$($py -m tricks.benchmarks.cifar10 "$CIFAR" "$work/tree" "${subset[@]}" | tail -1)
 $py -m tricks.train.cli convert "$tree" "$work/cifar10" --workers "$workers" | tail -3
-$py -m tricks.train.cli ablate --table 6 --seeds 3 --out "$OUT" \
-    data.path="$work/cifar10" data.image_size=32 data.crop_ratio=1.0 "data.scale=[0.35, 1]" \
-    data.workers="$workers" model.name=resnet18d model.cifar_stem=true model.width="$width" \
-    train.epochs="$epochs" train.batch="$batch" train.precision="$precision" optim.lr=0.4 \
-    schedule.warmup_epochs=1
+# the cifar preset: CIFAR stem, pad-and-crop with flips, whole-image evaluation, cosine
+$py -m tricks.train.cli ablate --table 6 --seeds 3 --out "$OUT" -c cifar \
+    data.path="$work/cifar10" data.workers="$workers" model.width="$width" \
+    train.epochs="$epochs" train.batch="$batch" train.precision="$precision"
 rm -rf "$OUT/runs"  # checkpoints: keep $OUT to the table's few files (the device returns ≤ 8)

@@ -21,10 +21,11 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 
 from .engines.base import engine_class
-from .errors import DataError
+from .errors import DataError, OptionError
 from .records import RecordFile, list_splits, read_classes, split_path
 from .sampling import EpochPlan, keyed_generator
 from .stages import IMAGENET_MEAN, IMAGENET_STD, AugmentOp, MixOp, Stages
+from .translate import check_padding, translate
 
 
 class Batch(NamedTuple):
@@ -46,6 +47,10 @@ class Loader:
         batch_size: the global batch size.
         train: random-resized-crop + flip, shuffled, last partial batch dropped; else
             resize + centre crop, in order, every sample once. Defaults to ``split == "train"``.
+        crop: training crops: "random_resized" (scale, ratio: Inception-style) or "pad"
+            (pad-and-crop for small images: the whole image, its centre square if not square,
+            resized to image_size and flipped, then shifted by up to ``pad`` pixels each way
+            with ``pad_fill`` (0..255) outside it; see ``pipeline.translate``).
         image_size: output side in pixels; ``set_image_size`` changes it between epochs.
         device, dtype, channels_last: where and how images arrive.
         engine, decode, workers: which decode engine ("native", "dali"), its decode mode and
@@ -64,7 +69,8 @@ class Loader:
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), crop_ratio: float = 0.875,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  augment: Sequence[AugmentOp] = (), mix: MixOp | None = None,
-                 engine_options: dict | None = None):
+                 engine_options: dict | None = None, crop: str = "random_resized",
+                 pad: int = 4, pad_fill: int = 0):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"no such dataset folder: {root}")
@@ -77,6 +83,13 @@ class Loader:
         if len(self.records) == 0:
             raise DataError(f"{path} holds no images")
         train = split == "train" if train is None else train
+        if crop not in ("random_resized", "pad"):
+            raise OptionError(f"unknown crop {crop!r}; choose random_resized or pad")
+        self.pad = pad if train and crop == "pad" else 0
+        if crop == "pad":
+            check_padding(pad, pad_fill, image_size)
+            scale, ratio = (1.0, 1.0), (1.0, 1.0)  # the whole (square) image, in every engine
+        self.pad_fill = pad_fill
         self.plan = EpochPlan(len(self.records), batch_size, seed, train,
                               drop_last=train if drop_last is None else drop_last,
                               shuffle=train if shuffle is None else shuffle,
@@ -145,6 +158,9 @@ class Loader:
                 break
             self.wait_time += time.perf_counter() - t0
             self.position += 1
+            if self.pad:
+                images = translate(images, self.plan.shifts(self.epoch, self.position - 1,
+                                                            self.pad), self.pad_fill)
             yield Batch(*self.stages(images, labels, self._generator(self.position - 1)))
         self.start_batch = 0
 

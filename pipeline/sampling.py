@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .translate import draw_shifts
+
 _ATTEMPTS = 10  # RandomResizedCrop's tries before its centre-crop fallback (as torchvision)
 
 
@@ -142,3 +144,11 @@ class EpochPlan:
                 continue  # a short last batch with fewer samples than ranks
             yield BatchTask(epoch, b, glob[mine].numpy(), boxes[mine].numpy(),
                             flips[mine].numpy(), size)
+
+    def shifts(self, epoch: int, batch: int, pad: int) -> torch.Tensor:
+        """This rank's pad-and-crop shifts (N×2 int64 dx, dy, uniform in −pad..pad) for global
+        batch ``batch`` of ``epoch``: drawn for the whole global batch from its own key, then
+        sliced by rank like the crops, so they do not depend on the number of ranks."""
+        n = min(self.batch_size, self.n - batch * self.batch_size)
+        s = draw_shifts(n, pad, keyed_generator(self.seed, epoch, batch, "translate"))
+        return s[torch.tensor_split(torch.arange(n), self.world_size)[self.rank]]

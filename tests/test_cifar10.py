@@ -29,12 +29,9 @@ def cifar_subset(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_resnet18d_cifar_stem_learns_real_photos(cifar_subset, tmp_path, capsys):
     start = time.perf_counter()
-    code = main(["train", "--no-progress", f"data.path={cifar_subset}", "data.image_size=32",
-                 "data.crop_ratio=1.0", "data.scale=[0.35, 1]", "data.workers=2",
-                 "model.name=resnet18d", "model.cifar_stem=true", "model.width=16",
-                 "model.zero_init_last=true", "train.epochs=4", "train.batch=128",
-                 "optim.lr=0.4", "optim.no_bias_decay=true", "schedule.warmup_epochs=1",
-                 "train.label_smoothing=0.1", f"train.out={tmp_path}", "train.name=cifar"])
+    code = main(["train", "--no-progress", "-c", "cifar", f"data.path={cifar_subset}",
+                 "data.workers=2", "model.width=16", "train.epochs=4", "train.batch=128",
+                 f"train.out={tmp_path}", "train.name=cifar"])
     elapsed = time.perf_counter() - start
     assert code == 0
     last = json.loads((tmp_path / "cifar" / "metrics.jsonl").read_text().splitlines()[-1])

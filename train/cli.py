@@ -51,6 +51,17 @@ def get_parser() -> argparse.ArgumentParser:
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     pl.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
 
+    lr = sub.add_parser("lr", help="the LR of every update, for every schedule × warmup "
+                        "combination: a listing and a PNG, before training")
+    lr.add_argument("overrides", nargs="*", metavar="section.key=value")
+    lr.add_argument("-c", "--config", action="append", default=None, metavar="YAML")
+    lr.add_argument("--steps-per-epoch", type=int, default=None,
+                    help="updates per epoch (default: the train split of data.path ÷ train.batch)")
+    lr.add_argument("--png", default="lr.png", help="PNG to write (default: lr.png)")
+    lr.add_argument("--every", type=int, default=None,
+                    help="list every N-th update (default: all of a run of ≤ 1000 updates, "
+                         "else the first and last of each epoch)")
+
     b = sub.add_parser("bench", help="benchmarks: train (Table 3), models (Table 5), loader, "
                        "augment; `tricks bench NAME --help` for each")
     b.add_argument("name", choices=["train", "models", "loader", "augment"])
@@ -172,6 +183,33 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_lr(args) -> int:
+    from .config import load_config
+    from .lr_listing import format_listing, lr_columns, plot_png
+
+    cfg = load_config([config_path(c) for c in (args.config or ["demo"])], args.overrides)
+    spe = args.steps_per_epoch
+    if spe is None:
+        from tricks.pipeline.records import RecordFile, split_path
+        from tricks.pipeline.sampling import num_batches
+
+        from .data import resolve_dataset
+        root = resolve_dataset(cfg.data.path, cfg.data.max_side, cfg.data.quality)
+        path = split_path(root, cfg.data.train_split)
+        if not path.is_file():
+            raise UserError(f"{root} has no split {cfg.data.train_split!r}")
+        spe = num_batches(len(RecordFile(path)), cfg.train.batch, drop_last=True)
+    if spe < 1:
+        raise UserError(f"--steps-per-epoch must be at least 1, got {spe} (a dataset smaller "
+                        f"than train.batch={cfg.train.batch}?)")
+    columns = lr_columns(cfg, spe)
+    print(format_listing(columns, spe, args.every))
+    png = plot_png(columns, spe, args.png, f"{cfg.model.name}, batch {cfg.train.batch}, "
+                   f"{cfg.train.epochs} epochs × {spe} updates")
+    print(f"wrote {png}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import importlib
     module = {"train": "throughput", "models": "model_table", "loader": "loader",
@@ -254,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         args = get_parser().parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert,
                "show-batch": cmd_show_batch, "plot": cmd_plot, "bench": cmd_bench,
+               "lr": cmd_lr,
                "ablate": cmd_ablate}[args.command]
     try:
         return handler(args)

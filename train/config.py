@@ -33,6 +33,9 @@ class DataConfig:
     image_size: int = 224
     val_image_size: int | None = None
     crop_ratio: float = 0.875        # validation: resize to size/crop_ratio, centre-crop size
+    crop: str = "random_resized"     # random_resized (scale, ratio) | pad (pad-and-crop, small images)
+    pad: int = 4                     # pad-and-crop: shift of up to ±pad pixels each way
+    pad_fill: int = 0                # pad-and-crop: uint8 level outside the image (0: black)
     scale: list = field(default_factory=lambda: [0.08, 1.0])
     ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])
     max_side: int | None = None      # when a folder tree is converted on the fly
@@ -228,6 +231,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (),
 
 
 _CHOICES = {
+    "data.crop": ("random_resized", "pad"),
     "data.decode": ("auto", "workers", "device"),
     "model.init": ("xavier", "torchvision"),
     "mix.name": ("none", "mixup", "cutmix", "ricap"),
@@ -280,6 +284,14 @@ def validate(cfg: Config) -> None:
                      and [p[0] for p in prog] == sorted({p[0] for p in prog})):
         raise ConfigError(f"data.progressive must be [[epoch, size], …] with increasing epochs, "
                           f"got {prog}")
+    d = cfg.data
+    if d.crop == "pad":
+        smallest = min([d.image_size] + [p[1] for p in prog])
+        if not 0 <= d.pad < smallest:
+            raise ConfigError(f"data.pad={d.pad} must be in [0, {smallest}): the smallest "
+                              f"training image is {smallest}²")
+        if not 0 <= d.pad_fill <= 255:
+            raise ConfigError(f"data.pad_fill={d.pad_fill} must be a uint8 level in 0..255")
 
 
 def dump_config(cfg: Config) -> str:

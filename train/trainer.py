@@ -27,7 +27,7 @@ from .loss import SoftTargetCrossEntropy
 from .observe import Observer
 from .optim import build_optimizer
 from .rundir import environment, make_run_dir
-from .schedule import lr_at, scaled_lr
+from .schedule import lr_at, scaled_lr, schedule_args
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -234,9 +234,10 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                          if t.precision != "fp32" else nullcontext())
         self.steps_per_epoch = len(self.train_loader)
-        self.total_steps = self.steps_per_epoch * t.epochs
-        self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
-        self.milestones = [e * self.steps_per_epoch for e in cfg.schedule.step_epochs]
+        s = cfg.schedule
+        self.schedule = schedule_args(s.name, s.warmup_epochs, s.step_epochs, s.step_gamma,
+                                      self.peak_lr, self.steps_per_epoch, t.epochs)
+        self.total_steps = self.schedule["total"]
         self.step, self.epoch, self.position = 0, 0, 0
         self.best_top1 = 0.0
         self._signal: int | None = None
@@ -261,9 +262,7 @@ class Trainer:
                                  self.total_steps, self.step, self.log)
 
     def lr(self, i: int) -> float:
-        s = self.cfg.schedule
-        return lr_at(i, peak=self.peak_lr, total=self.total_steps, warmup=self.warmup_steps,
-                     kind=s.name, milestones=self.milestones, gamma=s.step_gamma)
+        return lr_at(i, **self.schedule)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _state(self) -> dict:

@@ -1,0 +1,158 @@
+"""Small images: the ``cifar`` preset against a plain PyTorch loop, side by side in one run.
+
+Both sides train the same model (the preset's, built by the same constructor with the same
+seed), for the same epochs and batch, with horizontal flips, and are evaluated on the same
+whole test images. The plain loop is the reference a user would write in 30 lines
+(``plain_loop`` below): torchvision ``ImageFolder`` + ``DataLoader``, flips only, SGD with the
+preset's peak LR, momentum and weight decay, cosine annealing per epoch, cross-entropy. The
+preset adds pad-and-crop, label smoothing, warmup, per-update cosine, no bias decay and
+zero-γ. Seeds alternate between the sides (preset, plain, preset, plain, …).
+
+    python -m tricks.benchmarks.small_images --tarball ../shared/data/cifar10-jpg.tar.gz \\
+        --train 500 --test 100 --epochs 5 --width 16
+    python -m tricks.benchmarks.small_images --tree /data/fashion-mnist-jpg   # train/ test/
+
+Writes ``small_images-<dataset>.json`` (top-1 of every seed, their median, wall seconds)
+under ``benchmarks/results/<device>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tricks.benchmarks.results import entry, resolve_device, write_results
+from tricks.pipeline.convert import convert
+from tricks.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
+from tricks.train.cli import config_path
+from tricks.train.config import Config, load_config
+from tricks.train.schedule import scaled_lr
+from tricks.train.trainer import Trainer, build_model
+
+
+def plain_loop(cfg: Config, tree: Path, device: torch.device, workers: int) -> float:
+    """The reference: a plain PyTorch training loop; returns top-1 on ``tree/test``."""
+    from torchvision import datasets, transforms as T
+
+    torch.manual_seed(cfg.train.seed)
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    size = cfg.data.image_size
+    train_tf = T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    test_tf = T.Compose([T.Resize((size, size)), T.ToTensor(), norm])
+    train = datasets.ImageFolder(tree / "train", train_tf)
+    test = datasets.ImageFolder(tree / "test", test_tf)
+    b = cfg.train.batch
+    train_dl = torch.utils.data.DataLoader(train, b, shuffle=True, drop_last=True,
+                                           num_workers=workers, persistent_workers=workers > 0)
+    test_dl = torch.utils.data.DataLoader(test, b, num_workers=workers)
+    model = build_model(cfg, len(train.classes)).to(device)
+    o = cfg.optim
+    opt = torch.optim.SGD(model.parameters(), lr=scaled_lr(o.lr, b, o.lr_scaling),
+                          momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.train.epochs)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(cfg.train.epochs):
+        model.train()
+        for x, y in train_dl:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        sched.step()
+    model.eval()
+    correct = seen = 0
+    with torch.no_grad():
+        for x, y in test_dl:
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+            seen += len(y)
+    return correct / seen
+
+
+def preset_run(cfg: Config) -> float:
+    trainer = Trainer(cfg, progress=False, log=lambda *a, **k: None)
+    try:
+        return trainer.fit()["val_top1"]
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tricks.benchmarks.small_images",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tarball", help="the CIFAR-10 JPEG tarball (a class-balanced subset)")
+    src.add_argument("--tree", help="an ImageFolder tree with train/ and test/")
+    p.add_argument("--train", type=int, default=500, help="--tarball: train images per class")
+    p.add_argument("--test", type=int, default=100, help="--tarball: test images per class")
+    p.add_argument("--name", default=None, help="dataset name in the result file")
+    p.add_argument("--preset", default="cifar")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--width", type=int, default=16, help="model.width of both sides")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/"
+                   "<device>)")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.tarball:
+            from tricks.benchmarks.cifar10 import extract_subset
+            tree = extract_subset(args.tarball, tmp / "tree", args.train, args.test)
+            name = args.name or f"cifar10-{args.train * 10}"
+        else:
+            tree = Path(args.tree)
+            name = args.name or tree.name
+        records = tmp / "records"
+        convert(tree, records, workers=args.workers, progress=False)
+        overrides = [f"data.path={records}", f"data.workers={args.workers}",
+                     f"data.image_size={args.image_size}", f"model.width={args.width}",
+                     f"train.epochs={args.epochs}", f"train.batch={args.batch}",
+                     f"train.device={device}", f"train.out={tmp / 'runs'}"]
+        top1 = {"preset": [], "plain": []}
+        wall = {"preset": [], "plain": []}
+        for seed in range(args.seeds):
+            cfg = load_config([config_path(args.preset)], [*overrides, f"train.seed={seed}",
+                                                            f"train.name=s{seed}"])
+            for side in ("preset", "plain"):
+                t0 = time.perf_counter()
+                acc = preset_run(cfg) if side == "preset" else \
+                    plain_loop(cfg, tree, device, args.workers)
+                wall[side].append(time.perf_counter() - t0)
+                top1[side].append(acc)
+                print(f"seed {seed} {side}: top-1 {100 * acc:.2f}% "
+                      f"({wall[side][-1]:.0f} s)", flush=True)
+                # written after each run: a stopped run keeps what it measured
+                path = _write(args, name, cfg, device, top1, wall)
+    med = {s: statistics.median(v) for s, v in top1.items()}
+    print(f"median top-1: preset {100 * med['preset']:.2f}%, plain {100 * med['plain']:.2f}% "
+          f"→ {path}")
+    return 0
+
+
+def _write(args, name: str, cfg: Config, device: torch.device, top1: dict, wall: dict) -> Path:
+    settings = dict(dataset=name, preset=args.preset, epochs=args.epochs, batch=args.batch,
+                    width=args.width, image_size=args.image_size, seeds=args.seeds,
+                    workers=args.workers, train_per_class=args.train if args.tarball else None,
+                    test_per_class=args.test if args.tarball else None,
+                    preset_config=cfg.to_dict(),
+                    plain="ImageFolder + DataLoader, RandomHorizontalFlip, SGD (preset's peak "
+                          "LR, momentum, Nesterov, weight decay), CosineAnnealingLR per epoch, "
+                          "cross-entropy; whole-image evaluation")
+    entries = [entry(side, {"wall_s": wall[side]}, top1[side], unit="top-1")
+               for side in ("preset", "plain")]
+    return write_results(f"small_images-{name}", device, settings, entries, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Pad-and-crop (random translation) for small images, the CIFAR practice.
+
+He et al. 2016 (§4.2, CIFAR-10): "4 pixels are padded on each side, and a 32×32 crop is randomly
+sampled from the padded image or its horizontal flip". torchvision's ``RandomCrop(size,
+padding=p, fill=f)`` draws the crop's top-left corner uniformly in 0..2p on each axis; that is
+a shift s = corner − p uniform in −p..p, with pixels from outside the image set to the fill.
+
+Here the decode engine delivers the whole image at the training size (box = the whole image,
+flipped or not), and ``translate`` moves every sample of the batch by its own shift in one
+gather: no padded copy, no loop over samples, any dtype (the engines' uint8), any device.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import OptionError
+
+
+def check_padding(pad: int, fill: int, size: int | None = None) -> None:
+    """Raise OptionError unless 0 ≤ pad (< size, when given) and fill is a uint8 level."""
+    if not isinstance(pad, int) or pad < 0:
+        raise OptionError(f"pad-and-crop padding must be an integer ≥ 0, got {pad!r}")
+    if size is not None and pad >= size:
+        raise OptionError(f"pad-and-crop padding {pad} must be smaller than the {size}² image")
+    if not isinstance(fill, int) or not 0 <= fill <= 255:
+        raise OptionError(f"pad-and-crop fill must be an integer 0..255, got {fill!r}")
+
+
+def draw_shifts(n: int, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """N×2 int64 (dx, dy), each uniform in −pad..pad (torchvision's RandomCrop corner − pad)."""
+    return torch.randint(-pad, pad + 1, (n, 2), generator=gen)
+
+
+def translate(images: torch.Tensor, shifts: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
+    """Pad-and-crop by per-sample shifts.
+
+    Args:
+        images: N×C×H×W, any dtype and device, any memory format.
+        shifts: N×2 integers (dx, dy) on the CPU; output pixel (y, x) is input pixel
+            (y + dy, x + dx), or ``fill`` where that lies outside the image. A crop whose
+            top-left corner is (p + dx, p + dy) in the image padded by p on every side.
+        fill: the value of pixels from outside the image (in the images' units).
+
+    Returns:
+        N×C×H×W, same dtype and device, channels-last.
+    """
+    n, _, h, w = images.shape
+    if shifts.shape != (n, 2):
+        raise ValueError(f"shifts must be {n}×2, got {tuple(shifts.shape)}")
+    dev = images.device
+    s = shifts.to(torch.int64)
+    s = s.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else s.to(dev)
+    rows = torch.arange(h, device=dev)[None] + s[:, 1:2]  # N×H source rows
+    cols = torch.arange(w, device=dev)[None] + s[:, 0:1]  # N×W source columns
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    batch = torch.arange(n, device=dev)[:, None, None]
+    # advanced indices split by the channel slice: the result is N×H×W×C (channels-last data)
+    out = images[batch, :, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
+    out = torch.where(inside[..., None], out, torch.tensor(fill, dtype=out.dtype, device=dev))
+    return out.permute(0, 3, 1, 2)

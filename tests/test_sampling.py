@@ -1,0 +1,111 @@
+"""The crop sampler's distributions against torchvision's RandomResizedCrop (Szegedy et al.
+2015's Inception crops, as torchvision defines them): area fraction uniform in ``scale``, aspect
+ratio log-uniform in ``ratio``, position uniform over the places the box fits."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import RandomResizedCrop
+
+from tricks.pipeline.sampling import (EpochPlan, area_ratio_boxes, center_boxes, epoch_order,
+                                      keyed_generator, random_resized_boxes)
+
+
+def ks(a, b) -> float:
+    """Two-sample Kolmogorov–Smirnov distance."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    grid = np.concatenate([a, b])
+    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / len(a)
+                               - np.searchsorted(b, grid, "right") / len(b))))
+
+
+def ours(h, w, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=0):
+    boxes = random_resized_boxes(torch.full((n,), h), torch.full((n,), w), keyed_generator(seed),
+                                 scale, ratio).double()
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0].numpy(), boxes[:, 1].numpy(), bw.numpy(), bh.numpy()
+
+
+def reference(h, w, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    torch.manual_seed(1)
+    img = torch.empty(1, h, w)
+    out = np.array([RandomResizedCrop.get_params(img, scale, ratio) for _ in range(n)], float)
+    return out[:, 1], out[:, 0], out[:, 3], out[:, 2]  # x0, y0, w, h
+
+
+@pytest.mark.parametrize("h,w", [(400, 400), (300, 500)])
+def test_aspect_ratio_is_log_uniform_as_torchvision(h, w):
+    n = 6000
+    _, _, bw, bh = ours(h, w, 4 * n)
+    _, _, rw, rh = reference(h, w, n)
+    log_r, ref = np.log(bw / bh), np.log(rw / rh)
+    # KS critical value at 0.1% for these sizes ≈ 0.028; a uniform (not log-uniform) ratio
+    # shifts the distribution of log(w/h) by ≥ 0.06 at 0, square boxes by ≈ 0.5
+    assert ks(log_r, ref) < 0.03, ks(log_r, ref)
+    assert abs(np.mean(bw > bh) - np.mean(rw > rh)) < 0.03
+    assert np.mean(bw != bh) > 0.9
+
+
+def test_aspect_ratio_of_a_fitting_first_try_is_exactly_log_uniform():
+    # tiny areas always fit on the first try: log(w/h) is the drawn log-uniform up to rounding
+    n = 20000
+    u = torch.rand(n, 1, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    _, _, bw, bh, ok = area_ratio_boxes(torch.full((n,), 4000), torch.full((n,), 4000), u,
+                                        (0.01, 0.02), (0.5, 2.0))
+    assert bool(ok.all())
+    log_r = torch.log(bw / bh)
+    want = math.log(0.5) + (math.log(2.0) - math.log(0.5)) * u[:, 0, 1]
+    assert torch.allclose(log_r, want, atol=0.01)
+    # median ratio 1 (the geometric mean of 1/2 and 2; a uniform ratio would put it at 1.25)
+    assert abs(float(torch.median(bw / bh)) - 1.0) < 0.02
+
+
+@pytest.mark.parametrize("h,w", [(400, 400), (300, 500), (64, 48)])
+def test_area_and_position_follow_torchvision(h, w):
+    n = 6000
+    x0, y0, bw, bh = ours(h, w, 4 * n)
+    rx, ry, rw, rh = reference(h, w, n)
+    assert ks(bw * bh / (h * w), rw * rh / (h * w)) < 0.03
+    # position relative to the slack, uniform over 0..W−w (both ends reachable)
+    assert ks(x0 + bw / 2, rx + rw / 2) < 0.03 and ks(y0 + bh / 2, ry + rh / 2) < 0.03
+    assert np.all(x0 >= 0) and np.all(x0 + bw <= w) and np.all(y0 + bh <= h)
+
+
+def test_position_reaches_both_ends_with_equal_frequency():
+    # area exactly H·W·0.81 at ratio 1 on a 10×10 image: a 9×9 box, x0 and y0 ∈ {0, 1}
+    n = 20000
+    x0, y0, bw, bh = ours(10, 10, n, scale=(0.81, 0.81), ratio=(1.0, 1.0))
+    assert np.all(bw == 9) and np.all(bh == 9)
+    for v in (x0, y0):
+        assert set(np.unique(v)) == {0, 1} and abs(np.mean(v) - 0.5) < 0.015
+
+
+def test_centre_box_is_the_resize_then_centre_crop_square():
+    b = center_boxes(torch.tensor([300, 400]), torch.tensor([500, 400]), 0.875)
+    assert torch.allclose(b[0], torch.tensor([250 - 131.25, 150 - 131.25, 250 + 131.25,
+                                              150 + 131.25]))
+    assert torch.allclose(b[1], torch.tensor([25.0, 25.0, 375.0, 375.0]))
+
+
+def test_epoch_order_is_a_fresh_uniform_permutation_each_epoch():
+    n, epochs = 8, 4000
+    first = torch.stack([epoch_order(n, 0, e, True) for e in range(epochs)])
+    assert all(sorted(r.tolist()) == list(range(n)) for r in first[:20])
+    # each index lands in each position with frequency 1/n
+    freq = torch.stack([(first == i).double().mean(0) for i in range(n)])
+    assert torch.allclose(freq, torch.full_like(freq, 1 / n), atol=0.03)
+    assert torch.equal(epoch_order(n, 0, 3, False), torch.arange(n))
+
+
+def test_plan_flips_are_fair_and_independent_of_the_crop():
+    plan = EpochPlan(8192, 1024, seed=2, train=True, drop_last=True, shuffle=True)
+    h = np.full(8192, 300, np.uint32)
+    w = np.full(8192, 500, np.uint32)
+    flips, widths = [], []
+    for t in plan.tasks(0, h, w, 224):
+        flips.append(t.flips)
+        widths.append(t.boxes[:, 2] - t.boxes[:, 0])
+    f, bw = np.concatenate(flips), np.concatenate(widths)
+    assert abs(f.mean() - 0.5) < 0.02
+    assert abs(np.corrcoef(f, bw)[0, 1]) < 0.04

@@ -1,0 +1,112 @@
+"""Pad-and-crop: torchvision RandomCrop(padding=p, fill=f) semantics, batched."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tricks.pipeline import Loader
+from tricks.pipeline.errors import OptionError
+from tricks.pipeline.sampling import EpochPlan
+from tricks.pipeline.translate import draw_shifts, translate
+from tricks.train.config import ConfigError, load_config
+
+
+def reference(img: torch.Tensor, dx: int, dy: int, pad: int, fill: int) -> torch.Tensor:
+    """Pad by ``pad`` on every side with ``fill``, crop H×W at corner (pad + dx, pad + dy)."""
+    h, w = img.shape[-2:]
+    padded = F.pad(img, (pad, pad, pad, pad), value=fill)
+    return padded[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
+def test_translate_equals_pad_then_crop_per_sample(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (12, 3, 9, 7), generator=g).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    pad, fill = 3, 117
+    s = draw_shifts(12, pad, g)
+    out = translate(x, s, fill)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for k in range(12):
+        want = reference(x[k].float(), int(s[k, 0]), int(s[k, 1]), pad, fill).to(dtype)
+        assert torch.equal(out[k], want), (k, s[k])
+
+
+def test_translate_moves_content_by_the_shift_in_the_right_direction():
+    x = torch.zeros(1, 1, 5, 5, dtype=torch.uint8)
+    x[0, 0, 2, 2] = 200
+    out = translate(x, torch.tensor([[1, -2]]), 9)  # dx = 1, dy = −2
+    # output (y, x) = input (y + dy, x + dx): the dot moves to (2 + 2, 2 − 1)
+    assert out[0, 0, 4, 1] == 200 and (out == 200).sum() == 1
+    assert (out[0, 0, :2] == 9).all() and (out[0, 0, :, 4] == 9).all()
+
+
+def test_shifts_are_uniform_over_minus_pad_to_pad_and_independent():
+    pad, n = 4, 90_000
+    s = draw_shifts(n, pad, torch.Generator().manual_seed(1))
+    assert s.min() == -pad and s.max() == pad
+    # each of the 2p+1 = 9 values with frequency 1/9 (±0.006: a 0..2p or −p..p−1 range, or
+    # a triangular sum of two draws, all land far outside)
+    for axis in (0, 1):
+        freq = torch.bincount(s[:, axis] + pad, minlength=2 * pad + 1).double() / n
+        assert torch.allclose(freq, torch.full_like(freq, 1 / 9), atol=0.006), freq
+    # dx and dy drawn independently: the joint frequency of (0, 0) is 1/81
+    both = ((s[:, 0] == 0) & (s[:, 1] == 0)).double().mean()
+    assert abs(both - 1 / 81) < 0.002
+    assert abs(torch.corrcoef(s.T.double())[0, 1]) < 0.02
+
+
+def test_plan_shifts_do_not_depend_on_the_number_of_ranks():
+    kw = dict(n=100, batch_size=16, seed=3, train=True, drop_last=True, shuffle=True)
+    whole = EpochPlan(**kw).shifts(2, 5, 4)
+    parts = [EpochPlan(**kw, rank=r, world_size=4).shifts(2, 5, 4) for r in range(4)]
+    assert torch.equal(torch.cat(parts), whole) and whole.shape == (16, 2)
+    assert not torch.equal(EpochPlan(**kw).shifts(2, 6, 4), whole)  # a new draw per batch
+
+
+def _loader(root, **kw):
+    return Loader(root, "train", 16, workers=0, image_size=32, seed=7, **kw)
+
+
+def test_pad_crop_loader_is_the_whole_image_shifted(shapes_records):
+    plain = _loader(shapes_records, crop="pad", pad=0, dtype=torch.float32)
+    padded = _loader(shapes_records, crop="pad", pad=4, pad_fill=255)
+    plain.set_epoch(1)
+    padded.set_epoch(1)
+    for b, (a, c) in enumerate(zip(plain, padded)):
+        shifts = padded.plan.shifts(1, b, 4)
+        # back to uint8 levels: (x·std + mean)·255
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        u8 = lambda t: ((t.images * std + mean) * 255).round().to(torch.uint8)  # noqa: E731
+        assert torch.equal(u8(c), translate(u8(a), shifts, 255))
+        assert torch.equal(a.targets, c.targets)
+        if b == 2:
+            break
+    # the crop box is the whole 64² image (then resized to 32² and flipped): no zoom-in
+    task = next(padded.plan.tasks(0, padded._heights, padded._widths, 32))
+    assert (task.boxes == [[0, 0, 64, 64]] * len(task.boxes)).all()
+    assert 0.3 < task.flips.mean() < 0.7
+
+
+def test_pad_crop_options_are_one_line_errors(shapes_records):
+    with pytest.raises(OptionError, match="padding 32 must be smaller than the 32² image"):
+        _loader(shapes_records, crop="pad", pad=32)
+    with pytest.raises(OptionError, match="fill must be an integer 0..255"):
+        _loader(shapes_records, crop="pad", pad_fill=300)
+    with pytest.raises(OptionError, match="unknown crop 'zoom'"):
+        _loader(shapes_records, crop="zoom")
+
+
+@pytest.mark.parametrize("override,message", [
+    (["data.crop=pad", "data.image_size=32", "data.pad=32"],
+     "data.pad=32 must be in [0, 32): the smallest training image is 32²"),
+    (["data.crop=pad", "data.image_size=32", "data.pad=8", "data.progressive=[[0, 8], [2, 32]]"],
+     "data.pad=8 must be in [0, 8)"),
+    (["data.crop=pad", "data.pad_fill=-1"], "data.pad_fill=-1 must be a uint8 level"),
+    (["data.crop=translate"], "data.crop='translate': choose one of random_resized, pad"),
+])
+def test_pad_crop_config_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([], override)
+    assert message in str(e.value)
