@@ -145,9 +145,12 @@ def test_any_augment_and_mix_combination_is_a_config_switch(shapes_records, tmp_
     ("augment.erasing_p=1.5", "erasing p must be a probability in [0, 1], got 1.5"),
     ("mix.alpha=-0.2", "mixup alpha must be ≥ 0"),
     ("augment.cutout_size=64", "cutout_size=64 is larger than the 32² training image"),
+    ("data.progressive=[[0,24],[1,32]]", "cutout_size=30 is larger than the 24² training "
+     "image (data.progressive from epoch 0)"),
 ])
 def test_bad_augment_settings_are_one_line_errors(shapes_records, capsys, override, message):
     extra = ["augment.ops=[cutout, erasing]"] if "ops" not in override else []
+    extra += ["augment.cutout_size=30"] if "progressive" in override else []
     extra += ["mix.name=mixup"] if override.startswith("mix") else []
     code = main(["train", "--no-progress", f"data.path={shapes_records}", *SMALL, *extra,
                  override])

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from tricks.models import create_model, load_torchvision_state_dict
@@ -23,6 +22,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .config import Config, ConfigError, dump_config
 from .data import make_loaders, resolve_dataset
 from .distill import DistillationLoss
+from .ema import ExponentialMovingAverage
 from .loss import SoftTargetCrossEntropy
 from .optim import build_optimizer
 from .rundir import environment, make_run_dir
@@ -213,8 +213,8 @@ class Trainer:
         torch.backends.cudnn.benchmark = t.cudnn_benchmark
         if t.compile:
             self.net = torch.compile(self.net, mode=t.compile_mode)
-        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay),
-                                  use_buffers=True) if t.ema_decay else None)
+        # our EMA, not AveragedModel: no blocking copy of its update count per step
+        self.ema = ExponentialMovingAverage(model, t.ema_decay) if t.ema_decay else None
         self.teacher = None
         base = SoftTargetCrossEntropy(self.num_classes, t.label_smoothing)
         self.criterion = base
@@ -277,8 +277,9 @@ class Trainer:
         if self.main:
             save_checkpoint(self.checkpoint_path, self._state())
 
-    def _check_finite(self) -> None:
-        bad = float(self._first_bad)
+    def _check_finite(self, bad: float | None = None) -> None:
+        """Raise if a step's loss was not finite; ``bad``: ``_first_bad`` already read back."""
+        bad = float(self._first_bad) if bad is None else bad
         if math.isfinite(bad):
             last = f"last good checkpoint: {self.checkpoint_path}" \
                 if self.checkpoint_path and self.checkpoint_path.exists() else "no checkpoint yet"
@@ -429,10 +430,12 @@ class Trainer:
                 "data_wait": (loader.wait_time - wait0) / elapsed, "epoch_time_s": elapsed}
 
     def _log_window(self, window, steps, lr, bar, seen, waited, t0) -> None:
-        """The one host sync every ``log_every`` steps: the mean loss of the window."""
-        mean = float(distributed.all_reduce_sum(window.clone())) / (steps *
-                                                                     self.dist.world_size)
-        self._check_finite()
+        """The one host sync every ``log_every`` steps: the window's loss and the first
+        non-finite step, read back together."""
+        total, bad = torch.stack([distributed.all_reduce_sum(window.clone()),
+                                  self._first_bad]).tolist()
+        mean = total / (steps * self.dist.world_size)
+        self._check_finite(bad)
         if self.main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps({"step": self.step, "epoch": self.epoch + 1, "lr": lr,
