@@ -119,7 +119,13 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> li
 def train_step(model, images, targets, criterion, optimizer, scaler, autocast, accumulate=1,
                teacher=None):
     """One optimizer step over ``accumulate`` micro-batches of the batch; gradients are
-    all-reduced by DDP on the last micro-batch only. Returns the mean loss and the logits."""
+    all-reduced by DDP on the last micro-batch only. Returns the mean loss and the logits.
+
+    Under ``torch.compile(mode="reduce-overhead")`` each micro-batch replays a CUDA graph whose
+    outputs live in memory the next replay overwrites (pytorch/pytorch#148439): with
+    ``accumulate > 1`` each micro-batch starts a new CUDA-graph step
+    (``torch.compiler.cudagraph_mark_step_begin``) and its logits are cloned before the next
+    one runs. Without CUDA graphs both are no-ops but for one N×K copy."""
     optimizer.zero_grad(set_to_none=True)
     total, all_logits = 0.0, []
     chunks = list(zip(images.tensor_split(accumulate), targets.tensor_split(accumulate)))
@@ -127,6 +133,8 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
         last = i == len(chunks) - 1
         sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
         with sync:
+            if accumulate > 1:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 logits = model(x)
                 if teacher is not None:
@@ -137,7 +145,7 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
                     loss = criterion(logits, t)
             scaler.scale(loss / accumulate).backward()
         total = total + loss.detach() / accumulate
-        all_logits.append(logits.detach())
+        all_logits.append(logits.detach().clone() if accumulate > 1 else logits.detach())
     scaler.step(optimizer)
     scaler.update()
     return total, all_logits[0] if accumulate == 1 else torch.cat(all_logits)
