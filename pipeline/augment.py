@@ -1,8 +1,9 @@
 """Per-sample augmentations of a whole batch: N×3×H×W float in [0, 1], any float dtype, CPU or
 CUDA. Each op is a pair: ``draw_*`` makes every sample's parameters on the CPU from an explicit
-generator (small N-sized tensors: no device sync, the same draw on every device), ``apply_*``
-applies them to the batch in a few kernels, with no loop over samples. The op classes at the
-bottom join the two; they are what the augment stage runs.
+generator (small N-sized tensors, the same draw on every device), ``apply_*`` moves them to the
+batch's device in one non-blocking copy from pinned memory (``transfer.to_device``: no
+host-device sync) and applies them in a few kernels, with no loop over samples. The op classes at
+the bottom join the two; they are what the augment stage runs.
 """
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import torch
 
 from .errors import OptionError, check_nonneg, check_prob
 from .sampling import area_ratio_boxes
+from .transfer import to_device
 
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
 
 def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-sample vector as N×1×1×1 on x's device and dtype."""
+    """A per-sample vector as N×1×1×1 on x's device and dtype (ops hand it over already on
+    the device: a CPU vector here would be a blocking copy)."""
     return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
 
 
@@ -25,9 +28,12 @@ def _uniform(n: int, gen: torch.Generator, lo: float, hi: float) -> torch.Tensor
     return lo + (hi - lo) * torch.rand(n, generator=gen)
 
 
-def device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded from the CPU generator (for per-pixel noise)."""
+def device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator | None:
+    """A generator on ``device`` seeded from the CPU generator (for per-pixel noise). The seed
+    is set on the host: no device sync. ``meta`` (the tests' CUDA stand-in) has none: None."""
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    if device.type == "meta":
+        return None
     g = torch.Generator(device)
     g.manual_seed(seed)
     return g
@@ -107,20 +113,24 @@ def draw_jitter(n: int, gen: torch.Generator, brightness=0.4, contrast=0.4, satu
 
 def apply_jitter(x: torch.Tensor, d: JitterDraw, enabled=(True, True, True, True)) -> torch.Tensor:
     params = (d.brightness, d.contrast, d.saturation, d.hue)
-    fixed = bool((d.order == torch.arange(4)).all())
+    if bool((d.order == torch.arange(4)).all()):  # CPU tensors: no device sync
+        params = to_device(params, x.device)
+        for op in range(4):
+            if enabled[op]:
+                x = _JITTER_OPS[op](x, params[op])
+        return x
+    # per-sample order: at each position, each op on the samples that have it there. The
+    # sample lists and their parameters are found on the CPU, then moved in one copy.
+    plan = []
     for pos in range(4):
-        if fixed:
-            if enabled[pos]:
-                x = _JITTER_OPS[pos](x, params[pos])
-            continue
-        for op in range(4):  # per-sample order: each op on the samples that have it here
-            if not enabled[op]:
-                continue
-            idx = torch.nonzero(d.order[:, pos] == op)[:, 0]  # CPU: no device sync
-            if len(idx):
-                dev_idx = idx.to(x.device)
-                sub = _JITTER_OPS[op](x.index_select(0, dev_idx), params[op][idx])
-                x = x.index_copy(0, dev_idx, sub)
+        for op in range(4):
+            idx = torch.nonzero(d.order[:, pos] == op)[:, 0]
+            if enabled[op] and len(idx):
+                plan.append((op, idx, params[op][idx]))
+    moved = to_device([t for _, idx, p in plan for t in (idx, p)], x.device)
+    for k, (op, _, _) in enumerate(plan):
+        dev_idx, p = moved[2 * k], moved[2 * k + 1]
+        x = x.index_copy(0, dev_idx, _JITTER_OPS[op](x.index_select(0, dev_idx), p))
     return x
 
 
@@ -139,20 +149,21 @@ def draw_lighting(n: int, gen: torch.Generator, std: float = 0.1) -> torch.Tenso
 
 def apply_lighting(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Add Σ_j α_j·λ_j·v_j to every pixel (not clamped: the shift is exact)."""
-    rgb = (alpha * EIGVAL) @ EIGVEC.T  # N×3
-    return x + rgb.to(x.device, x.dtype)[:, :, None, None]
+    rgb = (alpha * EIGVAL) @ EIGVEC.T  # N×3, on the CPU
+    (rgb,) = to_device([rgb], x.device)
+    return x + rgb.to(x.dtype)[:, :, None, None]
 
 
 # --- occlusion ------------------------------------------------------------------------------
 
 def _box_mask(x: torch.Tensor, y0, y1, x0, x1) -> torch.Tensor:
-    """N×1×H×W bool: rows [y0, y1) and columns [x0, x1) of each sample (CPU bounds)."""
+    """N×1×H×W bool: rows [y0, y1) and columns [x0, x1) of each sample (bounds on x's device)."""
     n, _, h, w = x.shape
-    rows = torch.arange(h, device=x.device)
-    cols = torch.arange(w, device=x.device)
-    dev = lambda t: t.to(x.device).view(-1, 1, 1)  # noqa: E731
-    r = (rows.view(1, h, 1) >= dev(y0)) & (rows.view(1, h, 1) < dev(y1))
-    c = (cols.view(1, 1, w) >= dev(x0)) & (cols.view(1, 1, w) < dev(x1))
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    col = lambda t: t.view(-1, 1, 1)  # noqa: E731
+    r = (rows >= col(y0)) & (rows < col(y1))
+    c = (cols >= col(x0)) & (cols < col(x1))
     return (r & c).unsqueeze(1)
 
 
@@ -173,11 +184,12 @@ def draw_cutout(n: int, h: int, w: int, gen: torch.Generator, holes=1, size=16,
 
 
 def apply_cutout(x: torch.Tensor, d: CutoutDraw) -> torch.Tensor:
+    boxes, applied = to_device([d.boxes, d.applied], x.device)
     mask = torch.zeros(x.shape[0], 1, *x.shape[2:], dtype=torch.bool, device=x.device)
-    for k in range(d.boxes.shape[1]):  # loop over holes, not samples
-        b = d.boxes[:, k]
+    for k in range(boxes.shape[1]):  # loop over holes, not samples
+        b = boxes[:, k]
         mask |= _box_mask(x, b[:, 0], b[:, 1], b[:, 2], b[:, 3])
-    mask &= d.applied.to(x.device).view(-1, 1, 1, 1)
+    mask &= applied.view(-1, 1, 1, 1)
     return x.masked_fill(mask, 0)
 
 
@@ -202,12 +214,13 @@ def draw_erasing(n: int, h: int, w: int, gen: torch.Generator, p=0.5, area=(0.02
 
 def apply_erasing(x: torch.Tensor, d: ErasingDraw, fill: str = "random",
                   mean=(0.485, 0.456, 0.406), gen: torch.Generator | None = None) -> torch.Tensor:
-    mask = _box_mask(x, d.boxes[:, 0], d.boxes[:, 1], d.boxes[:, 2], d.boxes[:, 3])
+    boxes, mean = to_device([d.boxes, torch.tensor(mean, dtype=torch.float32)], x.device)
+    mask = _box_mask(x, boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
     if fill == "random":
         g = device_generator(gen, x.device) if gen is not None else None
         values = torch.empty_like(x).uniform_(generator=g)
     elif fill == "mean":
-        values = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        values = mean.to(x.dtype).view(1, 3, 1, 1)
     elif fill == "zero":
         values = torch.zeros((), device=x.device, dtype=x.dtype)
     else:
@@ -251,6 +264,13 @@ class Lighting:
 
 
 class Cutout:
+    """Cutout (DeVries & Taylor 2017, arXiv:1708.04552): ``holes`` squares of side ``size``
+    pixels, centres uniform over the image, clipped at the border (a hole near the edge is
+    partly outside; never refused), each sample with probability ``p``. It runs after
+    normalization (``after_normalize``), as the authors' code does, so a hole is 0: the
+    dataset mean, not black."""
+    after_normalize = True
+
     def __init__(self, holes=1, size=16, p=1.0):
         if holes < 1 or size < 1:
             raise OptionError(f"cutout needs ≥ 1 hole of side ≥ 1, got {holes} of {size}")
@@ -258,8 +278,6 @@ class Cutout:
 
     def __call__(self, x, gen):
         h, w = x.shape[2:]
-        if self.size > min(h, w):
-            raise OptionError(f"cutout size {self.size} is larger than the {h}×{w} image")
         d = draw_cutout(len(x), h, w, gen, self.holes, self.size, self.p)
         return keep_layout(x, apply_cutout(x, d))
 

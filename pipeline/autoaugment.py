@@ -18,6 +18,7 @@ from torchvision.transforms.autoaugment import AutoAugment, AutoAugmentPolicy
 
 from .augment import adjust_brightness, adjust_contrast, adjust_saturation, blend, keep_layout
 from .errors import OptionError
+from .transfer import to_device
 
 _BINS = 10
 
@@ -41,8 +42,8 @@ def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     xs = torch.arange(w, device=x.device, dtype=torch.float32) - w / 2 + 0.5
     base = torch.stack([xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w),
                         torch.ones(h, w, device=x.device)], dim=-1).view(1, h * w, 3)
-    scale = torch.tensor([0.5 * w, 0.5 * h], device=x.device)
-    grid = base.expand(n, -1, -1).bmm(theta.float().transpose(1, 2)) / scale
+    grid = base.expand(n, -1, -1).bmm(theta.float().transpose(1, 2))
+    grid = torch.stack([grid[..., 0] / (0.5 * w), grid[..., 1] / (0.5 * h)], dim=-1)
     out = F.grid_sample(x.float(), grid.view(n, h, w, 2), mode="nearest", padding_mode="zeros",
                         align_corners=False)
     return out.to(x.dtype)
@@ -112,7 +113,11 @@ def equalize(x, _=None):
 
 
 def sharpness(x, f):
-    """Blend with the 3×3 smoothing filter [[1,1,1],[1,5,1],[1,1,1]]/13 (borders kept)."""
+    """Blend with the 3×3 smoothing filter [[1,1,1],[1,5,1],[1,1,1]]/13 (borders kept).
+    Images with a side ≤ 2 have no interior to smooth: returned unchanged, as torchvision's
+    ``adjust_sharpness``."""
+    if x.shape[-1] <= 2 or x.shape[-2] <= 2:
+        return x
     k = torch.ones(3, 3, device=x.device)
     k[1, 1] = 5
     k = (k / k.sum()).expand(3, 1, 3, 3)
@@ -179,15 +184,20 @@ class BatchAutoAugment:
         return ops, mags
 
     def apply(self, x: torch.Tensor, d: AutoAugmentDraw) -> torch.Tensor:
+        # which samples run which op in each slot, found on the CPU; every sample list and
+        # magnitude then reaches the device in one copy
+        plan = []
         for slot in range(2):
             ops, mags = self.resolve(d, slot)
             for k, name in enumerate(self.names):  # each op kind once, on its samples
-                idx = torch.nonzero((ops == k) & d.applied[:, slot])[:, 0]  # CPU: no sync
-                if len(idx) == 0:
-                    continue
-                dev_idx = idx.to(x.device)
-                sub = OPS[name][0](x.index_select(0, dev_idx), mags[idx].to(x.device))
-                x = x.index_copy(0, dev_idx, sub.to(x.dtype))
+                idx = torch.nonzero((ops == k) & d.applied[:, slot])[:, 0]
+                if len(idx):
+                    plan.append((name, idx, mags[idx]))
+        moved = to_device([t for _, idx, m in plan for t in (idx, m)], x.device)
+        for j, (name, _, _) in enumerate(plan):
+            dev_idx, m = moved[2 * j], moved[2 * j + 1]
+            sub = OPS[name][0](x.index_select(0, dev_idx), m)
+            x = x.index_copy(0, dev_idx, sub.to(x.dtype))
         return x
 
     def __call__(self, x, gen):

@@ -1,7 +1,9 @@
 """Batch mixing: mixup, CutMix, RICAP. Targets become N×K distributions.
 
-Each function draws on the CPU from an explicit generator (λ, permutations, boxes), applies the
-draw to the images on their device, builds the targets from the same draw, and returns the draw.
+Each function draws on the CPU from an explicit generator (λ, permutations, boxes), moves the
+draw to the images' device in one non-blocking copy from pinned memory (``transfer.to_device``:
+no host-device sync), applies it to the images, builds the targets from the same draw, and
+returns the draw.
 Label smoothing is left to the loss: being affine, it commutes with any of these.
 """
 from __future__ import annotations
@@ -10,9 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import OptionError, check_nonneg
+from .transfer import to_device
 
 
 def _beta(gen: torch.Generator, a: float, size=None) -> np.ndarray | float:
@@ -22,7 +24,9 @@ def _beta(gen: torch.Generator, a: float, size=None) -> np.ndarray | float:
 
 
 def _one_hot(labels: torch.Tensor, k: int, dtype) -> torch.Tensor:
-    return F.one_hot(labels, k).to(dtype)
+    # a scatter, not F.one_hot: that checks the label range on the host on some devices
+    return torch.zeros(len(labels), k, dtype=dtype, device=labels.device).scatter_(
+        1, labels.view(-1, 1), 1)
 
 
 @dataclass
@@ -34,12 +38,17 @@ class MixDraw:
 
 
 def mixup(x, labels, num_classes, gen, alpha=0.2, per_sample=False):
-    """x ← λ·x + (1−λ)·x[perm], targets likewise (Zhang et al. 2018)."""
+    """x ← λ·x + (1−λ)·x[perm], targets likewise (Zhang et al. 2018, λ ~ Beta(α, α)).
+
+    λ is rounded once to the images' dtype and that one λ weights both the pixels and the
+    labels (targets in fp32), so in fp16/bf16 the targets describe the images exactly as in
+    fp32. Returns the mixed images (x's dtype), N×K fp32 targets and the draw (λ as applied)."""
     n = len(x)
     lam = torch.as_tensor(_beta(gen, alpha, n if per_sample else None), dtype=torch.float32)
-    lam = lam.expand(n) if lam.ndim == 0 else lam
+    lam = lam.expand(n).contiguous() if lam.ndim == 0 else lam
+    lam = lam.to(x.dtype).float()  # the λ the pixels get, for the labels too
     perm = torch.randperm(n, generator=gen)
-    dev_perm, lam_d = perm.to(x.device), lam.to(x.device)
+    dev_perm, lam_d = to_device([perm, lam], x.device)
     out = torch.lerp(x[dev_perm], x, lam_d.to(x.dtype).view(-1, 1, 1, 1))
     y = _one_hot(labels, num_classes, torch.float32)
     targets = torch.lerp(y[dev_perm], y, lam_d.view(-1, 1))
@@ -57,7 +66,7 @@ def cutmix(x, labels, num_classes, gen, alpha=1.0):
     y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
     x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
     perm = torch.randperm(n, generator=gen)
-    dev_perm = perm.to(x.device)
+    (dev_perm,) = to_device([perm], x.device)
     out = x.clone()
     out[:, :, y0:y1, x0:x1] = x[:, :, y0:y1, x0:x1][dev_perm]  # gather the box only
     lam_adj = 1 - (y1 - y0) * (x1 - x0) / (h * w)
@@ -74,19 +83,17 @@ def ricap(x, labels, num_classes, gen, beta=0.3):
     bh = int(round(h * float(_beta(gen, beta))))
     sizes = [(bh, bw), (bh, w - bw), (h - bh, bw), (h - bh, w - bw)]  # TL, TR, BL, BR
     perms, boxes, patches, weights = [], [], [], []
-    targets = torch.zeros(n, num_classes, device=x.device)
-    y = _one_hot(labels, num_classes, torch.float32)
     for ph, pw in sizes:
-        perm = torch.randperm(n, generator=gen)
+        perms.append(torch.randperm(n, generator=gen))
         oy = int(torch.randint(0, h - ph + 1, (1,), generator=gen))
         ox = int(torch.randint(0, w - pw + 1, (1,), generator=gen))
-        dev_perm = perm.to(x.device)
-        patches.append(x[:, :, oy:oy + ph, ox:ox + pw][dev_perm])  # gather the crop only
-        weight = ph * pw / (h * w)
-        targets += weight * y[dev_perm]
-        perms.append(perm)
         boxes.append((oy, oy + ph, ox, ox + pw))
-        weights.append(weight)
+        weights.append(ph * pw / (h * w))
+    targets = torch.zeros(n, num_classes, device=x.device)
+    y = _one_hot(labels, num_classes, torch.float32)
+    for dev_perm, (oy, oy1, ox, ox1), weight in zip(to_device(perms, x.device), boxes, weights):
+        patches.append(x[:, :, oy:oy1, ox:ox1][dev_perm])  # gather the crop only
+        targets += weight * y[dev_perm]
     top = torch.cat(patches[:2], dim=3)
     bottom = torch.cat(patches[2:], dim=3)
     out = torch.cat([top, bottom], dim=2)

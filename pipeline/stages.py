@@ -3,12 +3,14 @@
     engine   uint8 N×3×H×W (channels-last) + int64 labels, on the device
     augment  float N×3×H×W in [0, 1], each op ``op(images, gen) -> images``
     normalize (x − mean) / std, in the training dtype
+    augment  the ops marked ``after_normalize`` (cutout: its hole is 0, the dataset mean)
     mix      ``mix(images, labels, num_classes, gen) -> (images, targets)``; targets become
              N×K distributions. Without a mix op, targets stay integer labels (the fast path).
 
 Ops get an explicit CPU generator keyed by (seed, epoch, batch, rank): they draw their
-per-sample parameters with it (small tensors, no device sync), so the same batch gets the same
-draw on any device. ``pipeline.augment`` and ``pipeline.mix`` hold the ops, whose functional
+per-sample parameters with it, so the same batch gets the same draw on any device, and hand the
+draw to the device in one non-blocking copy from pinned memory (``pipeline.transfer``): no stage
+makes the host wait for the device (tests/test_no_sync.py counts it). ``pipeline.augment`` and ``pipeline.mix`` hold the ops, whose functional
 forms also return what they drew.
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 import torch
+
+from .transfer import DeviceConstants
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,29 +50,31 @@ class Stages:
         self.std = torch.tensor(std).view(1, 3, 1, 1)
         self.channels_last = channels_last
         self.mix_enabled = True  # the trainer can switch mixing off for the last epochs
-        self._consts: dict = {}
+        # x_u8 · scale + shift == (x_u8 / 255 − mean) / std; moved once per device and dtype
+        self._consts = DeviceConstants(mean=self.mean, std=self.std, scale=1 / (255 * self.std),
+                                       shift=-self.mean / self.std)
 
-    def _scale_shift(self, device: torch.device):
-        # x_u8 · scale + shift == (x_u8 / 255 − mean) / std, precomputed per device
-        if device not in self._consts:
-            scale = (1 / (255 * self.std)).to(device, self.dtype)
-            shift = (-self.mean / self.std).to(device, self.dtype)
-            self._consts[device] = (scale, shift)
-        return self._consts[device]
+    @property
+    def before(self) -> list:
+        return [op for op in self.augment if not getattr(op, "after_normalize", False)]
+
+    @property
+    def after(self) -> list:
+        return [op for op in self.augment if getattr(op, "after_normalize", False)]
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.augment:
+        const = lambda name: self._consts.get(name, images.device, self.dtype)  # noqa: E731
+        if self.before:
             x = images.to(self.dtype).mul_(1 / 255)
-            for op in self.augment:
+            for op in self.before:
                 x = op(x, gen)
-            mean = self.mean.to(x.device, x.dtype)
-            std = self.std.to(x.device, x.dtype)
-            x = x.sub_(mean).div_(std)
+            x = x.sub_(const("mean")).div_(const("std"))
         else:
-            scale, shift = self._scale_shift(images.device)
             # uint8 in, training dtype out, in one pass (type promotion inside the kernel)
-            x = torch.addcmul(shift, images, scale)
+            x = torch.addcmul(const("shift"), images, const("scale"))
+        for op in self.after:
+            x = op(x, gen)
         targets = labels
         if self.mix is not None and self.mix_enabled:
             x, targets = self.mix(x, labels, self.num_classes, gen)

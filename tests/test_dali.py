@@ -100,6 +100,26 @@ def test_image_size_can_change_between_epochs(coloured):
     assert next(iter(loader)).images.shape[-1] == 32
 
 
+@pytest.mark.parametrize("source", ["records", "files"])
+def test_progressive_resizing_is_right_from_the_first_batch_of_each_epoch(coloured, source):
+    """DALI asks the size callback ahead of time (prefetch): a size change between epochs must
+    still reach every batch of the new epoch, the first included, with the epoch intact."""
+    root, label_of = coloured
+    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2, prefetch=2,
+                    engine_options={"source": source}, dtype=torch.float32,
+                    mean=(0, 0, 0), std=(1 / 255,) * 3)
+    for epoch, size in enumerate((24, 32, 32, 16)):
+        loader.set_image_size(size)
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert [b.images.shape[-1] for b in batches] == [size] * len(batches), epoch
+        ids = [i for b in batches for i in ids_of(b.images)]
+        labels = [int(t) for b in batches for t in b.targets]
+        assert len(ids) == len(set(ids)) == 32 and all(i < 37 for i in ids)
+        assert [label_of[i] for i in ids] == labels
+    loader.close()
+
+
 def test_augment_and_mix_run_after_dali(coloured):
     from tricks.pipeline.augment import ColorJitter, RandomErasing
     from tricks.pipeline.mix import Mixup
@@ -134,3 +154,45 @@ def test_mixed_decode_on_the_gpu(coloured):
         assert images.is_cuda
         pairs += list(zip(ids_of(images.cpu()), labels.tolist()))
     assert sorted(pairs) == sorted((k, label_of[k]) for k in range(37, 48))
+
+
+def test_gpu_outputs_are_bound_to_torchs_current_stream(coloured, monkeypatch):
+    """Every ``run`` of a CUDA pipeline names torch's current stream (DALI then orders its
+    outputs, and their release, on it); a CPU pipeline's runs name none."""
+    root, _ = coloured
+    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2)
+    engine = loader.engine
+    calls = []
+
+    class Pipe:
+        def run(self, *args):
+            calls.append(args)
+
+    engine._run(Pipe())
+    assert calls == [()]
+    stream = object()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(engine, "device_id", 0)
+    engine._run(Pipe())
+    assert calls[-1] == (stream,)
+    loader.close()
+
+
+@cuda
+@pytest.mark.parametrize("source", ["records", "files"])
+def test_batches_stay_intact_while_the_consumer_stream_is_busy(coloured, source):
+    """The training step keeps torch's stream busy while DALI runs ahead: each batch must still
+    hold its own pixels (ids match labels, every sample once)."""
+    root, label_of = coloured
+    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2, device="cuda",
+                    engine_options={"source": source}, mean=(0, 0, 0), std=(1 / 255,) * 3)
+    busy = torch.randn(4096, 4096, device="cuda")
+    pairs = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for images, labels in loader:
+            for _ in range(8):  # ~10 ms of queued work behind each hand-off
+                busy = (busy @ busy).tanh_()
+            pairs += list(zip(ids_of(images.cpu()), labels.tolist()))
+    assert all(label_of[i] == lab for i, lab in pairs)
+    assert len(pairs) == 3 * 32

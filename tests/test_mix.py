@@ -39,6 +39,27 @@ def test_mixup_pixels_reveal_lambda_and_partner_and_targets_match(per_sample):
     assert (len(set(d.lam.tolist())) > 1) == per_sample
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mixup_weights_pixels_and_labels_with_one_lambda_in_half_precision(dtype):
+    """An image of ones mixed with a partner of zeros shows its λ in its pixels exactly
+    (lerp(0, 1, λ) = λ in any dtype); the targets must carry the same λ, to no worse than
+    fp32 does (Zhang et al.: one λ for both). (Zeros mixed with ones would show 1 − λ rounded
+    to the dtype: pixel rounding, not a λ mismatch, so those are left out.)"""
+    def gap(dt):
+        n = 64
+        x = torch.zeros(n, 3, 4, 4, dtype=dt)
+        x[: n // 2] = 1
+        y = (torch.arange(n) < n // 2).long()  # class 1 ↔ the images of ones
+        worst = 0.0
+        for k in range(20):
+            out, targets, d = mixup(x, y, 2, _gen(6, k), alpha=0.4, per_sample=True)
+            shown = (y == 1) & (y[d.perms[0]] == 0)
+            pixel_lam = out[shown, 0, 0, 0].float()  # the λ applied to the pixels
+            worst = max(worst, float((pixel_lam - targets[shown, 1]).abs().max()))
+        return worst
+    assert gap(dtype) <= gap(torch.float32)
+
+
 def test_mixup_lambda_follows_beta():
     lams = torch.cat([mixup(torch.zeros(64, 3, 2, 2), torch.zeros(64, dtype=torch.long), K,
                             _gen(1, k), alpha=0.2, per_sample=True)[2].lam for k in range(50)])

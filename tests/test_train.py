@@ -145,9 +145,12 @@ def test_any_augment_and_mix_combination_is_a_config_switch(shapes_records, tmp_
     ("augment.erasing_p=1.5", "erasing p must be a probability in [0, 1], got 1.5"),
     ("mix.alpha=-0.2", "mixup alpha must be ≥ 0"),
     ("augment.cutout_size=64", "cutout_size=64 is larger than the 32² training image"),
+    ("data.progressive=[[0,24],[1,32]]", "cutout_size=30 is larger than the 24² training "
+     "image (data.progressive from epoch 0)"),
 ])
 def test_bad_augment_settings_are_one_line_errors(shapes_records, capsys, override, message):
     extra = ["augment.ops=[cutout, erasing]"] if "ops" not in override else []
+    extra += ["augment.cutout_size=30"] if "progressive" in override else []
     extra += ["mix.name=mixup"] if override.startswith("mix") else []
     code = main(["train", "--no-progress", f"data.path={shapes_records}", *SMALL, *extra,
                  override])
@@ -187,3 +190,30 @@ def test_efficient_step_makes_no_host_sync_with_fused_sgd(fused):
                 trainer_mod.train_step(model, x, y, crit, opt, scaler, autocast)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@cuda
+def test_accumulation_works_with_cuda_graphs():
+    """compile mode reduce-overhead + accumulate=2: the second micro-batch's graph replay must
+    not overwrite the first one's logits (pytorch/pytorch#148439); the step matches eager."""
+    import copy
+    from contextlib import nullcontext
+
+    from tricks.models import create_model
+    from tricks.train.loss import SoftTargetCrossEntropy
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    eager = create_model("resnet18d", num_classes=10, width=8).to(dev)
+    graphed = copy.deepcopy(eager)
+    net = torch.compile(graphed, mode="reduce-overhead")
+    x = torch.randn(16, 3, 32, 32, device=dev)
+    y = torch.randint(0, 10, (16,), device=dev)
+    crit = SoftTargetCrossEntropy(10)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (eager, graphed)]
+    for _ in range(4):  # warm-up replays, then graphed ones
+        a = trainer_mod.train_step(eager, x, y, crit, opts[0], scaler, nullcontext(), 2)
+        b = trainer_mod.train_step(net, x, y, crit, opts[1], scaler, nullcontext(), 2)
+        torch.testing.assert_close(b[1], a[1], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(b[0], a[0], rtol=1e-3, atol=1e-3)

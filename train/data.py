@@ -77,9 +77,12 @@ def build_ops(cfg: Config) -> tuple[list, object | None]:
     }
     mix_kwargs = {"mixup": dict(alpha=m.alpha, per_sample=m.per_sample),
                   "cutmix": dict(alpha=m.cutmix_alpha), "ricap": dict(beta=m.ricap_beta)}
-    if "cutout" in a.ops and a.cutout_size > cfg.data.image_size:
-        raise ConfigError(f"augment.cutout_size={a.cutout_size} is larger than the "
-                          f"{cfg.data.image_size}² training image")
+    if "cutout" in a.ops:  # every size the run trains at, progressive resizing's included
+        for key, size in [("data.image_size", cfg.data.image_size)] + [
+                (f"data.progressive from epoch {e}", s) for e, s in cfg.data.progressive]:
+            if a.cutout_size > size:
+                raise ConfigError(f"augment.cutout_size={a.cutout_size} is larger than the "
+                                  f"{size}² training image ({key})")
     try:
         augment = [make_op("augment", name, **kwargs.get(name, {})) for name in a.ops]
         mix = make_op("mix", m.name, **mix_kwargs[m.name]) if m.name != "none" else None

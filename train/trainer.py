@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from tricks.models import create_model, load_torchvision_state_dict
@@ -23,6 +22,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .config import Config, ConfigError, dump_config
 from .data import make_loaders, resolve_dataset
 from .distill import DistillationLoss
+from .ema import ExponentialMovingAverage
 from .loss import SoftTargetCrossEntropy
 from .observe import Observer
 from .optim import build_optimizer
@@ -120,7 +120,13 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> li
 def train_step(model, images, targets, criterion, optimizer, scaler, autocast, accumulate=1,
                teacher=None):
     """One optimizer step over ``accumulate`` micro-batches of the batch; gradients are
-    all-reduced by DDP on the last micro-batch only. Returns the mean loss and the logits."""
+    all-reduced by DDP on the last micro-batch only. Returns the mean loss and the logits.
+
+    Under ``torch.compile(mode="reduce-overhead")`` each micro-batch replays a CUDA graph whose
+    outputs live in memory the next replay overwrites (pytorch/pytorch#148439): with
+    ``accumulate > 1`` each micro-batch starts a new CUDA-graph step
+    (``torch.compiler.cudagraph_mark_step_begin``) and its logits are cloned before the next
+    one runs. Without CUDA graphs both are no-ops but for one N×K copy."""
     optimizer.zero_grad(set_to_none=True)
     total, all_logits = 0.0, []
     chunks = list(zip(images.tensor_split(accumulate), targets.tensor_split(accumulate)))
@@ -128,6 +134,8 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
         last = i == len(chunks) - 1
         sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
         with sync:
+            if accumulate > 1:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 logits = model(x)
                 if teacher is not None:
@@ -138,7 +146,7 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
                     loss = criterion(logits, t)
             scaler.scale(loss / accumulate).backward()
         total = total + loss.detach() / accumulate
-        all_logits.append(logits.detach())
+        all_logits.append(logits.detach().clone() if accumulate > 1 else logits.detach())
     scaler.step(optimizer)
     scaler.update()
     return total, all_logits[0] if accumulate == 1 else torch.cat(all_logits)
@@ -214,8 +222,8 @@ class Trainer:
         torch.backends.cudnn.benchmark = t.cudnn_benchmark
         if t.compile:
             self.net = torch.compile(self.net, mode=t.compile_mode)
-        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay),
-                                  use_buffers=True) if t.ema_decay else None)
+        # our EMA, not AveragedModel: no blocking copy of its update count per step
+        self.ema = ExponentialMovingAverage(model, t.ema_decay) if t.ema_decay else None
         self.teacher = None
         base = SoftTargetCrossEntropy(self.num_classes, t.label_smoothing)
         self.criterion = base
@@ -279,8 +287,9 @@ class Trainer:
         if self.main:
             save_checkpoint(self.checkpoint_path, self._state())
 
-    def _check_finite(self) -> None:
-        bad = float(self._first_bad)
+    def _check_finite(self, bad: float | None = None) -> None:
+        """Raise if a step's loss was not finite; ``bad``: ``_first_bad`` already read back."""
+        bad = float(self._first_bad) if bad is None else bad
         if math.isfinite(bad):
             last = f"last good checkpoint: {self.checkpoint_path}" \
                 if self.checkpoint_path and self.checkpoint_path.exists() else "no checkpoint yet"
@@ -436,10 +445,12 @@ class Trainer:
                 "data_wait": (loader.wait_time - wait0) / elapsed, "epoch_time_s": elapsed}
 
     def _log_window(self, window, steps, lr, bar, seen, waited, t0) -> None:
-        """The one host sync every ``log_every`` steps: the mean loss of the window."""
-        mean = float(distributed.all_reduce_sum(window.clone())) / (steps *
-                                                                     self.dist.world_size)
-        self._check_finite()
+        """The one host sync every ``log_every`` steps: the window's loss and the first
+        non-finite step, read back together."""
+        total, bad = torch.stack([distributed.all_reduce_sum(window.clone()),
+                                  self._first_bad]).tolist()
+        mean = total / (steps * self.dist.world_size)
+        self._check_finite(bad)
         if self.main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps({"step": self.step, "epoch": self.epoch + 1, "lr": lr,

@@ -91,6 +91,7 @@ class DaliEngine:
                          hw_decoder_load=hw_decoder_load, dont_use_mmap=dont_use_mmap,
                          initial_fill=initial_fill)
         self._size = 224
+        self._pipe_size = None  # files: the size the built pipeline's callback has handed out
         self._feed = _Feed(records)
         self._pipe = None
         self._clean = True  # False while an epoch is in flight (or was abandoned)
@@ -105,7 +106,7 @@ class DaliEngine:
 
         @self.pipeline_def(batch_size=self.batch_size, num_threads=o["threads"],
                            device_id=self.device_id, prefetch_queue_depth=o["prefetch"],
-                           seed=_seed(self.seed, self.rank, "dali"))
+                           seed=_seed(self.seed, self.rank, "dali"), exec_dynamic=True)
         def pipe():
             jpegs, anchors, shapes, flips, sizes, labels = fn.external_source(
                 source=self._feed, num_outputs=6, batch=True, cycle="raise",
@@ -147,7 +148,7 @@ class DaliEngine:
 
         @self.pipeline_def(batch_size=self.batch_size, num_threads=o["threads"],
                            device_id=self.device_id, prefetch_queue_depth=o["prefetch"],
-                           seed=_seed(self.seed, self.rank, "dali"))
+                           seed=_seed(self.seed, self.rank, "dali"), exec_dynamic=True)
         def pipe():
             jpegs, labels_ = fn.readers.file(
                 files=files, labels=labels, shard_id=self.rank, num_shards=self.world,
@@ -188,8 +189,22 @@ class DaliEngine:
         return self._pipe
 
     # --- batches -------------------------------------------------------------------------------
+    def _run(self, pipe):
+        """One batch from DALI, its GPU outputs bound to torch's current stream.
+
+        DALI's docs: without ``cuda_stream``, ``run()`` returns host-synchronised outputs that
+        stay valid only until the next ``run()``, while our copy of them is merely queued on
+        torch's stream, behind the training step: the next ``run()`` could hand the buffers
+        back to DALI before the copy has read them. With ``run(cuda_stream)`` (DALI's default,
+        dynamic executor) the outputs are ordered on that stream, for reading and for their
+        release, and the host does not wait for the batch either."""
+        if self.device_id is None:
+            return pipe.run()
+        return pipe.run(torch.cuda.current_stream(self.device))
+
     def _to_torch(self, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """DALI outputs → torch tensors we own (DALI reuses its buffers on the next run)."""
+        """DALI outputs → torch tensors we own, copied on torch's current stream (the one
+        ``_run`` bound the outputs to)."""
         x = torch.from_dlpack(images.as_tensor()).clone()   # N×H×W×3 uint8
         y = torch.from_dlpack(labels.as_tensor()).clone().reshape(-1).long()
         return x.permute(0, 3, 1, 2), y                     # channels-last N×3×H×W, no copy
@@ -203,21 +218,25 @@ class DaliEngine:
             pipe = self._pipeline()
             self._clean = False
             for _ in tasks:
-                images, labels = pipe.run()
+                images, labels = self._run(pipe)
                 yield self._to_torch(images, labels)
             try:  # the feed is exhausted: DALI says so, and is reset for the next epoch
-                pipe.run()
+                self._run(pipe)
                 raise RuntimeError("DALI returned more batches than were fed")
             except StopIteration:
                 pipe.reset()
             self._clean = True
             return
         epoch = tasks[0].epoch if tasks else self._reader_epoch
-        if epoch != self._reader_epoch:
+        if epoch != self._reader_epoch or (self._pipe is not None and
+                                           self._size != self._pipe_size):
             # DALI's reader only moves forward: a jump (a resume, a repeated epoch) starts a
-            # reader whose first order is ours for that epoch; DALI reshuffles from there on
+            # reader whose first order is ours for that epoch; DALI reshuffles from there on.
+            # A new image size does too: DALI has already called the size callback for the
+            # batches it prefetched, at the old size (progressive resizing)
             self._pipe, self._start_epoch, self._reader_epoch = None, epoch, epoch
         pipe = self._pipeline()
+        self._pipe_size = self._size
         self._clean = False
         yield from self._files_epoch(pipe, len(tasks))
         self._clean = True
@@ -231,7 +250,7 @@ class DaliEngine:
         shard = (s + 1) * n // self.world - s * n // self.world
         runs = math.ceil(shard / self.batch_size)
         for k in range(runs):
-            images, labels = pipe.run()
+            images, labels = self._run(pipe)
             x, y = self._to_torch(images, labels)
             keep = min(self.batch_size, shard - k * self.batch_size)
             full = keep == self.batch_size

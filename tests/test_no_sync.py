@@ -1,0 +1,177 @@
+"""No host-device synchronisation on the hot path: every augment and mix op, the stages, a
+training step and the EMA, run on the ``meta`` device (standing in for CUDA) under
+``SyncCounter``; and the same on a GPU under ``torch.cuda.set_sync_debug_mode("error")``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sync_harness import HostSync, SyncCounter
+from tricks.models import create_model
+from tricks.pipeline.ops import AUGMENT_OPS, MIX_OPS
+from tricks.pipeline.sampling import keyed_generator
+from tricks.pipeline.stages import Stages
+from tricks.pipeline.transfer import to_device
+from tricks.train.ema import ExponentialMovingAverage
+from tricks.train.loss import SoftTargetCrossEntropy
+from tricks.train.trainer import train_step
+
+from conftest import cuda
+
+META = torch.device("meta")
+N, K, S = 8, 10, 32
+# every op in its heaviest configuration: all branches that can run on the device do
+HEAVY = {"jitter": dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                        random_order=True),
+         "cutout": dict(holes=3, size=12), "erasing": dict(p=1.0, fill="random"),
+         "autoaugment": {}, "lighting": {}}
+
+
+def _batch(device):
+    images = torch.zeros(N, 3, S, S, dtype=torch.uint8, device=device)
+    labels = torch.zeros(N, dtype=torch.long, device=device)
+    return images.contiguous(memory_format=torch.channels_last), labels
+
+
+def _all_augments():
+    return [AUGMENT_OPS[name](**HEAVY.get(name, {})) for name in AUGMENT_OPS]
+
+
+def _count(fn, *args, warm: int = 1):
+    """Run ``fn`` ``warm`` times (constants move once), then once under the counter."""
+    for _ in range(warm):
+        fn(*args)
+    with SyncCounter() as s:
+        fn(*args)
+    return s
+
+
+def test_harness_sees_blocking_copies_and_reads():
+    x = torch.zeros(4, device=META)
+    with SyncCounter() as s:
+        torch.ones(4).to(META)                                  # pageable, blocking
+        torch.ones(4).to(META, non_blocking=True)               # pageable: still blocking
+        torch.tensor([1.0, 2.0], device=META)                   # built on the host
+        to_device([torch.ones(4), torch.arange(3)], META)       # the one allowed kind
+        x.copy_(torch.ones(4))
+    assert [e[1] for e in s.events] == ["to", "to", "torch.tensor", "copy_"]
+    assert s.copies == 1
+    for read in (lambda: x.sum().item(), lambda: bool(x.any()), lambda: x.nonzero(),
+                 lambda: x[x > 0], lambda: x.cpu()):
+        with pytest.raises(HostSync), SyncCounter():
+            read()
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENT_OPS))
+def test_augment_op_does_not_sync(name):
+    op = AUGMENT_OPS[name](**HEAVY.get(name, {}))
+    stages = Stages(torch.float16, K, [op])
+    images, labels = _batch(META)
+    gen = keyed_generator(0, 1)
+    s = _count(stages, images, labels, gen)
+    assert s.events == []
+    assert s.copies <= 1  # its draws, in one copy
+
+
+@pytest.mark.parametrize("name", sorted(MIX_OPS))
+def test_mix_op_does_not_sync(name):
+    stages = Stages(torch.bfloat16, K, [], MIX_OPS[name]())
+    images, labels = _batch(META)
+    s = _count(stages, images, labels, keyed_generator(0, 2))
+    assert s.events == []
+    assert s.copies <= 1
+
+
+def test_every_op_in_one_stage_stack_does_not_sync():
+    stages = Stages(torch.float16, K, _all_augments(), MIX_OPS["mixup"]())
+    images, labels = _batch(META)
+    s = _count(stages, images, labels, keyed_generator(0, 3))
+    assert s.events == []
+    assert s.copies <= len(AUGMENT_OPS) + 1
+
+
+@pytest.mark.parametrize("mix", sorted(MIX_OPS))
+def test_full_step_does_not_sync(mix):
+    """loader output → stages (every augment op and ``mix``) → train_step (SGD-Nesterov,
+    soft-target loss, two micro-batches) → EMA, the second step counted."""
+    stages = Stages(torch.float32, K, _all_augments(), MIX_OPS[mix]())
+    model = create_model("resnet18", num_classes=K, cifar_stem=True, width=8)
+    model = model.to(META).to(memory_format=torch.channels_last)
+    ema = ExponentialMovingAverage(model, 0.99)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4)
+    criterion = SoftTargetCrossEntropy(K, 0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    first_bad = torch.full((), float("inf"), device=META, dtype=torch.float64)
+
+    def step(i):
+        nonlocal first_bad
+        x, t = stages(*_batch(META), keyed_generator(0, 4, i))
+        for g in optimizer.param_groups:
+            g["lr"] = 0.1 / (i + 1)
+        loss, logits = train_step(model, x, t, criterion, optimizer, scaler,
+                                  torch.autocast("cpu", enabled=False), accumulate=2)
+        ema.update_parameters(model)
+        first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(loss), float("inf"),
+                                                         float(i)))
+        return loss
+
+    step(0)
+    with SyncCounter() as s:
+        step(1)
+    assert s.events == []
+    assert ema.n_updates == 2
+
+
+def test_ema_keeps_the_decay_and_the_checkpoint_format_of_averaged_model():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=K, cifar_stem=True, width=8)
+    ours = ExponentialMovingAverage(model, 0.9)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(3):
+        model(torch.randn(4, 3, 16, 16))  # moves the BN running statistics
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    fresh = ExponentialMovingAverage(model, 0.9)
+    fresh.load_state_dict(b)
+    assert fresh.n_updates == 3
+
+
+@cuda
+def test_full_step_does_not_sync_on_cuda():
+    dev = torch.device("cuda")
+    stages = Stages(torch.float16, K, _all_augments(), MIX_OPS["mixup"]())
+    model = create_model("resnet18", num_classes=K, cifar_stem=True, width=8)
+    model = model.to(dev).to(memory_format=torch.channels_last)
+    ema = ExponentialMovingAverage(model, 0.99)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                fused=True)
+    criterion = SoftTargetCrossEntropy(K, 0.1)
+    scaler = torch.amp.GradScaler("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.float16)
+
+    def step(i):
+        x, t = stages(*_batch(dev), keyed_generator(0, 5, i))
+        loss, _ = train_step(model, x, t, criterion, optimizer, scaler, autocast, 2)
+        ema.update_parameters(model)
+        return loss
+
+    step(0)  # cuDNN and allocator warm-up may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 3):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with SyncCounter() as s:  # the same step, now with real pinned buffers
+        step(3)
+    assert s.events == []
