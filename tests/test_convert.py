@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from tricks.pipeline.convert import convert, format_report, inspect_and_encode
@@ -108,7 +108,7 @@ def messy_tree(tmp_path):
 
 def test_convert_reports_broken_files_and_reencodes_odd_ones(messy_tree, tmp_path):
     out = tmp_path / "out"
-    report = convert(messy_tree, out, workers=2, progress=False)
+    report = convert(messy_tree, out, workers=2, progress=False, keep_empty_classes=True)
     tr = report["splits"]["train"]
     assert tr["written"] == 6 + 3
     assert sorted(s["path"].rsplit("/", 1)[1] for s in tr["skipped"]) == \
@@ -125,13 +125,12 @@ def test_convert_reports_broken_files_and_reencodes_odd_ones(messy_tree, tmp_pat
         assert _is_baseline_rgb_jpeg(rf.raw(i).tobytes())
     assert sorted(rf.labels.tolist()) == [1] * 3 + [2] * 6
     assert len(RecordFile(out / "val.rec")) == 6
-    listing = (out / "train.files.txt").read_text().splitlines()
-    assert len(listing) == 9 and all("\t" in ln for ln in listing)
 
 
 def test_strict_fails_on_the_first_bad_file_naming_it(messy_tree, tmp_path):
     with pytest.raises(DataError, match=r"empty\.jpg: empty file"):
-        convert(messy_tree, tmp_path / "out", workers=0, strict=True, progress=False)
+        convert(messy_tree, tmp_path / "out", workers=0, strict=True, progress=False,
+                keep_empty_classes=True)
 
 
 def test_single_split_tree_becomes_train(tmp_path):
@@ -172,3 +171,169 @@ def test_bad_sources_are_one_line_errors(tmp_path, setup, message):
     with pytest.raises(DataError, match=message) as e:
         convert(src, tmp_path / "out", workers=0, progress=False)
     assert "\n" not in str(e.value)
+
+
+# --- fidelity: orientation, modes, links, empty classes, large images (issue 13) ----------------
+
+QUADRANTS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))  # TL, TR, BL, BR
+
+
+def _quadrants(w=96, h=48) -> Image.Image:
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:h // 2, :w // 2], a[:h // 2, w // 2:] = QUADRANTS[0], QUADRANTS[1]
+    a[h // 2:, :w // 2], a[h // 2:, w // 2:] = QUADRANTS[2], QUADRANTS[3]
+    return Image.fromarray(a)
+
+
+def _quadrant_means(img: Image.Image) -> np.ndarray:
+    a = np.asarray(img.convert("RGB")).astype(float)
+    h, w = a.shape[:2]
+    qs = [a[:h // 2, :w // 2], a[:h // 2, w // 2:], a[h // 2:, :w // 2], a[h // 2:, w // 2:]]
+    return np.array([q[2:-2, 2:-2].mean(axis=(0, 1)) for q in qs])
+
+
+def _decode(data) -> Image.Image:
+    return Image.open(io.BytesIO(bytes(data)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_stored_upright(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    _quadrants().save(out, "JPEG", quality=95, exif=exif.tobytes())
+    data = out.getvalue()
+    upright = ImageOps.exif_transpose(_decode(data))  # Pillow's reading of the tag
+    enc = inspect_and_encode(data)
+    assert (enc.height, enc.width) == (upright.height, upright.width)
+    stored = _decode(enc.data)
+    assert stored.size == upright.size and stored.getexif().get(0x0112, 1) == 1
+    assert np.abs(_quadrant_means(stored) - _quadrant_means(upright)).max() < 4
+    assert ("EXIF orientation" in enc.reencoded) == (orientation != 1)
+
+
+def _saved(img: Image.Image, fmt: str, **kw) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+_RAMP = np.tile(np.arange(256), (8, 1))  # 8 rows of 0..255: the expected 8-bit values
+
+
+def _mode_cases():
+    r16 = (_RAMP * 257).astype(np.uint16)
+    pal = Image.fromarray(_RAMP.astype(np.uint8), "L").convert("P")  # grey palette
+    pal_t = pal.copy()
+    pal_t.info["transparency"] = 0  # index 0 (black) is transparent: flattened onto white
+    want_t = _RAMP.copy()
+    want_t[:, 0] = 255
+    alpha = np.full(_RAMP.shape, 255, np.uint8)
+    alpha[:, :128] = 0  # left half transparent
+    half_white = np.where(alpha == 0, 255, _RAMP)
+    la = Image.merge("LA", [Image.fromarray(_RAMP.astype(np.uint8)), Image.fromarray(alpha)])
+    rgba = Image.merge("RGBA", [Image.fromarray(_RAMP.astype(np.uint8))] * 3 +
+                       [Image.fromarray(alpha)])
+    return {
+        "I;16 png": (lambda: _saved(Image.fromarray(r16), "PNG"), _RAMP),
+        "I;16B tiff": (lambda: _saved(Image.fromarray(r16.astype(">u2")), "TIFF"), _RAMP),
+        "I 32-bit tiff": (lambda: _saved(Image.fromarray(r16.astype(np.int32), "I"), "TIFF"),
+                          _RAMP),
+        "F 0..1 tiff": (lambda: _saved(Image.fromarray((_RAMP / 255).astype(np.float32), "F"),
+                                       "TIFF"), _RAMP),
+        "P png": (lambda: _saved(pal, "PNG"), _RAMP),
+        "P transparent png": (lambda: _saved(pal_t, "PNG", transparency=0), want_t),
+        "LA png": (lambda: _saved(la, "PNG"), half_white),
+        "P png with an alpha table": (lambda: _saved(pal, "PNG", transparency=bytes(
+            [0] * 128 + [255] * 128)), half_white),
+        "RGBA png": (lambda: _saved(rgba, "PNG"), half_white),
+        "1 png": (lambda: _saved(Image.fromarray(_RAMP >= 128), "PNG"),
+                  np.where(_RAMP >= 128, 255, 0)),
+        "CMYK jpeg": (lambda: _saved(Image.fromarray(_RAMP.astype(np.uint8)).convert("CMYK"),
+                                     "JPEG", quality=98), _RAMP),
+        "YCbCr jpeg": (lambda: _saved(Image.fromarray(_RAMP.astype(np.uint8)).convert("YCbCr"),
+                                      "JPEG", quality=98), _RAMP),
+    }
+
+
+@pytest.mark.parametrize("case", list(_mode_cases()))
+def test_every_mode_maps_to_8bit_rgb_by_its_value_range(case):
+    make, want = _mode_cases()[case]
+    enc = inspect_and_encode(make(), quality=98)
+    assert enc.data is not None, enc.error
+    got = np.asarray(_decode(enc.data)).astype(float)
+    assert got.shape == (*want.shape, 3) and _is_baseline_rgb_jpeg(enc.data)
+    # JPEG rounding and ringing at the step edges aside, every level is where it should be
+    err = np.abs(got - want[..., None])
+    assert np.median(err) <= 2 and err.mean() < 4, (case, err.mean())
+
+
+def test_half_scale_16bit_grey_is_mid_grey():
+    enc = inspect_and_encode(_saved(Image.fromarray(np.full((16, 16), 32768, np.uint16)), "PNG"))
+    assert abs(np.asarray(_decode(enc.data)).astype(float).mean() - 128) < 2
+
+
+def _tree(root, spec):
+    for rel in spec:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(_jpeg(30, 20))
+    return root
+
+
+def test_a_link_to_an_ancestor_is_followed_once_and_reported(tmp_path):
+    root = _tree(tmp_path / "src", ["train/a/1.jpg", "train/b/1.jpg", "train/b/2.jpg"])
+    (root / "train" / "a" / "again").symlink_to(".", target_is_directory=True)
+    (root / "train" / "a" / "b-too").symlink_to("../b", target_is_directory=True)
+    report = convert(root, tmp_path / "out", workers=0, progress=False)
+    tr = report["splits"]["train"]
+    assert tr["written"] == 3  # each image once, under its own class
+    assert RecordFile(tmp_path / "out" / "train.rec").labels.tolist() == [0, 1, 1]
+    assert sorted(p.rsplit("/", 1)[1] for p in tr["links_skipped"]) == ["again", "b-too"]
+    assert "links" in format_report(report)
+
+
+def test_classes_without_training_images_are_refused_by_name(messy_tree, tmp_path):
+    (messy_tree / "val" / "zebra").mkdir()
+    (messy_tree / "val" / "zebra" / "z.jpg").write_bytes(_jpeg())
+    with pytest.raises(DataError, match=r"no training image: bird, zebra.*keep-empty-classes"):
+        convert(messy_tree, tmp_path / "out", workers=0, progress=False)
+    report = convert(messy_tree, tmp_path / "out", workers=0, progress=False,
+                     keep_empty_classes=True)
+    assert read_classes(tmp_path / "out") == ["bird", "cat", "dog", "zebra"]
+    assert report["classes_without_training_images"] == ["bird", "zebra"]
+    assert "without training images, kept" in format_report(report)
+
+
+def test_a_class_emptied_by_skipped_files_is_refused(tmp_path):
+    root = _tree(tmp_path / "src", ["train/a/1.jpg", "val/a/1.jpg", "val/b/1.jpg"])
+    (root / "train" / "b").mkdir()
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"no training image after skipping unusable files: b "):
+        convert(root, tmp_path / "out", workers=0, progress=False)
+
+
+def test_very_large_images_follow_one_policy_without_pillow_warnings(tmp_path, monkeypatch):
+    import warnings
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)  # Pillow's bomb limit, made small
+    root = _tree(tmp_path / "src", ["train/a/small.jpg"])
+    Image.new("RGB", (100, 80), (10, 200, 30)).save(root / "train" / "a" / "big.png")
+    Image.new("RGB", (400, 400), (10, 200, 30)).save(root / "train" / "a" / "bomb.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any Pillow warning fails the test
+        report = convert(root, tmp_path / "out", workers=0, progress=False)
+        tr = report["splits"]["train"]
+        assert tr["written"] == 2 and tr["reencoded"] == {"format PNG": 1, "over max pixels": 1}
+        [bomb] = tr["skipped"]
+        assert bomb["path"].endswith("bomb.png") and "pixels" in bomb["reason"]
+        rf = RecordFile(tmp_path / "out" / "train.rec")
+        assert all(int(r["height"]) * int(r["width"]) <= 64 * 64 for r in rf.index)
+        from tricks.pipeline import Loader
+        assert len(list(Loader(tmp_path / "out", "train", 2, image_size=16, workers=0))) == 1
+
+
+@pytest.mark.parametrize("content", [b"hello, I am text\n", bytes(range(256)) * 4])
+def test_skip_reasons_name_the_cause_not_an_object(content):
+    enc = inspect_and_encode(content)
+    assert "BytesIO" not in enc.error and " at 0x" not in enc.error
+    assert "not a decodable image" in enc.error

@@ -196,3 +196,66 @@ def test_batches_stay_intact_while_the_consumer_stream_is_busy(coloured, source)
             pairs += list(zip(ids_of(images.cpu()), labels.tolist()))
     assert all(label_of[i] == lab for i, lab in pairs)
     assert len(pairs) == 3 * 32
+
+
+# --- fidelity (issue 13): the files source decodes the stored records, shards exactly once ------
+
+@pytest.fixture(scope="module")
+def odd_tree(tmp_path_factory):
+    """Constant-colour images whose stored pixels differ from a naive decode of the file:
+    a transparent PNG (white once flattened), a 16-bit PNG at half scale (128), names with a
+    newline and a tab; 3 classes, 2 images each, the same set in train and val."""
+    import numpy as np
+    from PIL import Image
+    from tricks.pipeline.convert import convert
+    root = tmp_path_factory.mktemp("odd") / "tree"
+    want = {}
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+        Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(root / split / "a" / "clear\nline.png")
+        Image.new("RGB", (40, 30), (255, 255, 255)).save(root / split / "a" / "white.jpg")
+        Image.fromarray(np.full((30, 40), 32768, np.uint16)).save(root / split / "b" / "x\ty.png")
+        Image.new("RGB", (40, 30), (128, 128, 128)).save(root / split / "b" / "grey.jpg")
+        for k in range(2):
+            Image.new("RGB", (40, 30), (200, 40, 40)).save(root / split / "c" / f"{k}\n.jpg")
+    want = {0: 255.0, 1: 128.0, 2: None}
+    out = tmp_path_factory.mktemp("odd-rec")
+    convert(root, out, workers=0, progress=False)
+    return out, want
+
+
+@pytest.mark.parametrize("source", ["records", "files"])
+@pytest.mark.parametrize("train", [False, True])
+def test_every_source_decodes_the_stored_records(odd_tree, source, train):
+    root, want = odd_tree
+    seen = 0
+    for images, labels in _epoch(root, "train" if train else "val", source, train=train,
+                                 batch=2):
+        for img, lab in zip(images.float(), labels.tolist()):
+            if want[lab] is not None:  # white and mid-grey everywhere, as the native engine
+                assert abs(img.mean().item() - want[lab]) < 3, (source, lab, img.mean())
+            seen += 1
+    assert seen == 6
+
+
+@pytest.mark.parametrize("source", ["records", "files"])
+def test_sharded_evaluation_counts_every_image_once(tmp_path, source):
+    from PIL import Image
+    from conftest import colour_of
+    from tricks.pipeline.convert import convert
+    for k in range(5):
+        folder = tmp_path / "tree" / ("train" if k == 0 else "val") / "c"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 24), colour_of(k)).save(folder / f"{k}.jpg", quality=95)
+        Image.new("RGB", (32, 24), colour_of(k)).save(
+            tmp_path / "tree" / "train" / "c" / f"t{k}.jpg", quality=95) if k else None
+    (tmp_path / "tree" / "val" / "c" / "0.jpg").write_bytes(
+        (tmp_path / "tree" / "train" / "c" / "0.jpg").read_bytes())
+    convert(tmp_path / "tree", tmp_path / "rec", workers=0, progress=False)
+    ids = []
+    for rank in range(2):
+        for images, _ in _epoch(tmp_path / "rec", "val", source, world=2, rank=rank,
+                                train=False, batch=2):
+            ids += ids_of(images)
+    assert sorted(ids) == [0, 1, 2, 3, 4]

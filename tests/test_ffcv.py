@@ -104,3 +104,24 @@ def test_missing_beton_is_a_clear_error(coloured):
     records, _ = coloured
     with pytest.raises(Exception, match="--format beton"):
         Loader(records, "train", 8, engine="ffcv")
+
+
+def test_sharded_evaluation_counts_every_image_once(tmp_path):
+    # 5 images, global batch 2, 2 ranks: FFCV's DistributedSampler pads rank 1's share with a
+    # repeat of image 0; the engine cuts it
+    for k in range(5):
+        folder = tmp_path / "tree" / "val" / "c"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 24), colour_of(k)).save(folder / f"{k}.jpg", quality=95)
+    convert(tmp_path / "tree", tmp_path / "rec", workers=0, progress=False)
+    write_beton(tmp_path / "rec" / "val.rec", workers=1)
+    procs = [subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "ffcv_shard_worker.py"), str(tmp_path / "rec"),
+         "val", "2", str(rank), "2", str(tmp_path / "init")], cwd=ROOT, env=ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    ids = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        ids += json.loads(out.strip().splitlines()[-1])
+    assert sorted(ids) == [0, 1, 2, 3, 4]

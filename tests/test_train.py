@@ -42,7 +42,7 @@ class _Stop(Exception):
     pass
 
 
-def _run(cfg, monkeypatch, stop_at=None, resume=None):
+def _run(cfg, monkeypatch, stop_at=None, resume=None, log=None):
     """Train, recording every step's loss; raise _Stop after iteration ``stop_at``."""
     losses = {}
     real_step = trainer_mod.train_step
@@ -56,7 +56,7 @@ def _run(cfg, monkeypatch, stop_at=None, resume=None):
         return loss, logits
 
     monkeypatch.setattr(trainer_mod, "train_step", recording_step)
-    t = Trainer(cfg, resume=resume, progress=False, log=lambda *a: None)
+    t = Trainer(cfg, resume=resume, progress=False, log=log or (lambda *a: None))
     recording_step.offset = t.step
     try:
         t.fit()
@@ -80,13 +80,74 @@ def test_resume_mid_epoch_is_bitwise_identical(shapes_records, tmp_path, monkeyp
     state = load_checkpoint(cut.checkpoint_path)
     assert (state["step"], state["epoch"], state["position"]) == (15, 1, 3)  # mid-epoch 2
     cfg = load_config([], base=state["config"])
-    resumed, resumed_losses = _run(cfg, monkeypatch, resume=str(cut.checkpoint_path))
+    said = []
+    resumed, resumed_losses = _run(cfg, monkeypatch, resume=str(cut.checkpoint_path),
+                                   log=said.append)
     assert min(resumed_losses) == 16 and max(resumed_losses) == 36
     for step, loss in resumed_losses.items():
         assert loss == full_losses[step], step  # bitwise, not approximately
     for (name, a), b in zip(full.model.state_dict().items(),
                             resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+    # the resumed epoch's metrics are the whole epoch's, as in the uninterrupted run
+    rows = [[json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+            for run in (full, resumed)]
+    assert [r["epoch"] for r in rows[1]] == [1, 2, 3]
+    for a, b in zip(*rows):
+        for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_images"):
+            assert a[key] == b[key], (a["epoch"], key)
+    # counted from 1, as the log and metrics.jsonl count: epoch 2 after batch 3
+    assert any("in epoch 2 after batch 3 of 12" in line for line in said), said
+
+
+@pytest.fixture(scope="module")
+def started_run(shapes_records, tmp_path_factory):
+    """A run's first checkpoint (before any step), for resume refusals."""
+    out = tmp_path_factory.mktemp("started")
+    cfg = load_config([], SMALL + [f"data.path={shapes_records}", "train.epochs=1",
+                                   "model.name=resnet50", f"train.out={out}", "train.name=r"])
+    t = Trainer(cfg, progress=False, log=lambda *a: None)
+    t.save()
+    t.close()
+    return out / "r" / "checkpoint.pt"
+
+
+def _other_records(tmp_path):
+    from tricks.pipeline.convert import convert
+    from tricks.pipeline.synthetic import make_dataset
+    tree = make_dataset(tmp_path / "tree", train_per_class=39, val_per_class=2)
+    convert(tree, tmp_path / "rec", workers=0, progress=False)
+    return tmp_path / "rec"
+
+
+@pytest.mark.parametrize("override,message", [
+    (lambda p: "train.batch=16", r"train\.batch changed from 32 to 16"),
+    (lambda p: "model.name=resnet50b", r"model changed \(model\.name resnet50 → resnet50b\)"),
+    (lambda p: f"data.path={_other_records(p)}", r"training data changed \(records 400 → 390"),
+])
+def test_resume_is_refused_when_its_position_means_something_else(
+        started_run, tmp_path, capsys, override, message):
+    # resnet50 and resnet50b have the same parameters: only the recorded key tells them apart
+    cfg = load_config([], [override(tmp_path)], base=load_checkpoint(started_run)["config"])
+    with pytest.raises(trainer_mod.UserError, match=message) as e:
+        Trainer(cfg, resume=str(started_run), progress=False, log=lambda *a: None)
+    assert "\n" not in str(e.value) and str(started_run) in str(e.value)
+
+
+def test_a_missing_validation_split_is_said_once_at_the_start(tmp_path, monkeypatch):
+    from tricks.pipeline.convert import convert
+    from tricks.pipeline.synthetic import make_dataset
+    tree = make_dataset(tmp_path / "tree", train_per_class=8, val_per_class=1)
+    import shutil
+    shutil.rmtree(tree / "val")
+    convert(tree, tmp_path / "rec", workers=0, progress=False)
+    said = []
+    cfg = load_config([], SMALL + [f"data.path={tmp_path / 'rec'}", "train.epochs=2",
+                                   "train.batch=16", f"train.out={tmp_path}"])
+    _run(cfg, monkeypatch, log=said.append)
+    assert sum("no validation split" in line for line in said) == 1, said
+    assert "no validation split" in said[0] and "without evaluation" in said[0]
+    assert [line.split(":")[0] for line in said[1:]] == ["epoch 1/2", "epoch 2/2"]
 
 
 def test_checkpoint_is_written_atomically(shapes_records, tmp_path, monkeypatch):

@@ -87,6 +87,8 @@ def get_parser() -> argparse.ArgumentParser:
     c.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     c.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     c.add_argument("--strict", action="store_true", help="fail on the first unusable file")
+    c.add_argument("--keep-empty-classes", action="store_true",
+                   help="keep classes that have no training image (refused by default)")
     c.add_argument("--format", choices=["records", "beton"], default="records",
                    help="beton: also write FFCV .beton files (from the validated records)")
     c.add_argument("--beton-mode", default="jpg", choices=["jpg", "raw", "proportion", "smart"],
@@ -270,7 +272,7 @@ def cmd_convert(args) -> int:
                      jpeg_quality=args.quality)
     report = convert(args.src, args.dst, max_side=args.max_side, quality=args.quality,
                      workers=args.workers, strict=args.strict, val_labels=args.val_labels,
-                     beton=beton)
+                     beton=beton, keep_empty_classes=args.keep_empty_classes)
     print(format_report(report))
     return 0
 

@@ -26,7 +26,7 @@ class DataConfig:
     val_split: str | None = None     # None: the first of val, validation, test that exists
     engine: str = "native"           # native | dali
     engine_options: dict = field(default_factory=dict)  # the engine's own knobs (DALI: source,
-    #                                  hw_decoder_load, dont_use_mmap, initial_fill)
+    #                                  hw_decoder_load)
     decode: str = "auto"             # auto | workers (CPU processes) | device (nvJPEG on CUDA)
     workers: int | None = None       # decode processes; None: one per core, at most 16
     prefetch: int = 2                # batches prepared ahead

@@ -2,6 +2,7 @@
 DDP under torchrun, gradient accumulation, distillation, EMA, signal-safe stops."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
@@ -9,6 +10,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -172,6 +174,26 @@ def evaluate(model, loader, criterion, autocast, progress: bool = False, prefix:
             f"{prefix}_images": int(n)}
 
 
+def dataset_identity(loader) -> dict:
+    """What a training position depends on in the data: the record count, the class list and a
+    cheap fingerprint of the record index (offsets, lengths, labels, sizes: changes when any
+    image is added, removed, relabelled or re-encoded), not a hash of the pixels."""
+    digest = hashlib.blake2b(np.ascontiguousarray(loader.records.index).tobytes(),
+                             digest_size=8)
+    digest.update(json.dumps(loader.classes).encode())
+    return {"records": len(loader.records), "classes": len(loader.classes),
+            "index": digest.hexdigest()}
+
+
+def resume_key(cfg: Config, loader) -> dict:
+    """What a checkpoint's position (iteration, epoch, batch in the epoch) means: the global
+    batch it counts in, the dataset it indexes and the model it holds. A resume with any of
+    these changed is refused (``Trainer._check_resumable``)."""
+    m = cfg.model
+    return {"train.batch": cfg.train.batch, "dataset": dataset_identity(loader),
+            "model": {"name": m.name, "width": m.width, "cifar_stem": m.cifar_stem}}
+
+
 def progressive_size(schedule: list, epoch: int, default: int) -> int:
     """The training resolution of ``epoch``: the last [start_epoch, size] that has begun."""
     size = default
@@ -208,6 +230,9 @@ class Trainer:
         self.train_loader, self.val_loader = make_loaders(cfg, self.data_root, self.device,
                                                           self.dtype, self.dist.rank, world)
         self.num_classes = self.train_loader.num_classes
+        if self.val_loader is None:
+            self.log(f"no validation split in {self.data_root} (it has only "
+                     f"{cfg.data.train_split!r}): training without evaluation")
         model = build_model(cfg, self.num_classes)
         if t.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -248,6 +273,8 @@ class Trainer:
         self.total_steps = self.schedule["total"]
         self.step, self.epoch, self.position = 0, 0, 0
         self.best_top1 = 0.0
+        self._acc: dict | None = None   # the current epoch's accumulators (see train_epoch)
+        self._restored_acc: dict | None = None
         self._signal: int | None = None
         self._first_bad = torch.full((), math.inf, device=self.device, dtype=torch.float64)
 
@@ -279,13 +306,31 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "step": self.step, "epoch": self.epoch, "position": self.position,
                 "best_top1": self.best_top1, "rng": rng_state(),
-                "classes": self.train_loader.classes, "world_size": self.dist.world_size}
+                "classes": self.train_loader.classes, "world_size": self.dist.world_size,
+                "resume_key": resume_key(self.cfg, self.train_loader)}
+
+    def _epoch_accumulators(self) -> dict | None:
+        """Mid-epoch: this epoch's sums so far, over all ranks (a collective: every rank calls
+        it), so a resumed epoch reports the same metrics as an uninterrupted one."""
+        a = self._acc
+        if a is None or self.position >= self.steps_per_epoch:
+            return None
+        sums = distributed.all_reduce_sum(torch.cat([
+            a["loss_sum"].reshape(1), a["correct"].double().reshape(1),
+            torch.tensor([float(a["seen"]), float(a["labelled"])], dtype=torch.float64,
+                         device=self.device)]))
+        loss_sum, correct, seen, labelled = sums.tolist()
+        return {"epoch": self.epoch, "loss_sum": loss_sum, "correct": int(correct),
+                "seen": int(seen), "labelled": int(labelled),
+                "wait": self.train_loader.wait_time - a["wait0"],
+                "time": time.perf_counter() - a["t0"]}
 
     def save(self) -> None:
         """Rank 0 writes the checkpoint, never one that holds a non-finite step."""
         self._check_finite()
+        acc = self._epoch_accumulators()
         if self.main:
-            save_checkpoint(self.checkpoint_path, self._state())
+            save_checkpoint(self.checkpoint_path, {**self._state(), "epoch_accumulators": acc})
 
     def _check_finite(self, bad: float | None = None) -> None:
         """Raise if a step's loss was not finite; ``bad``: ``_first_bad`` already read back."""
@@ -295,7 +340,29 @@ class Trainer:
                 if self.checkpoint_path and self.checkpoint_path.exists() else "no checkpoint yet"
             raise UserError(f"the loss became NaN or infinite at iteration {int(bad)}; {last}")
 
+    def _check_resumable(self, state: dict) -> None:
+        """Refuse, in one line naming it, a resume whose position would mean something else."""
+        saved, now = state.get("resume_key"), resume_key(self.cfg, self.train_loader)
+        if saved is None:
+            return  # a checkpoint from before the key was recorded: nothing to compare
+        where = state["path"]
+        if saved["train.batch"] != now["train.batch"]:
+            raise UserError(f"cannot resume {where}: train.batch changed from "
+                            f"{saved['train.batch']} to {now['train.batch']} (the position and "
+                            "the schedule are counted in global batches); resume with "
+                            f"train.batch={saved['train.batch']}")
+        if saved["dataset"] != now["dataset"]:
+            diff = ", ".join(f"{k} {saved['dataset'][k]} → {now['dataset'][k]}"
+                             for k in saved["dataset"] if saved["dataset"][k] != now["dataset"][k])
+            raise UserError(f"cannot resume {where}: the training data changed ({diff}) at "
+                            f"{self.data_root}; resume with the dataset the run started on")
+        if saved["model"] != now["model"]:
+            diff = ", ".join(f"model.{k} {saved['model'][k]} → {now['model'][k]}"
+                             for k in saved["model"] if saved["model"][k] != now["model"][k])
+            raise UserError(f"cannot resume {where}: the model changed ({diff})")
+
     def _restore(self, state: dict) -> None:
+        self._check_resumable(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -305,9 +372,13 @@ class Trainer:
         self.best_top1 = state.get("best_top1", 0.0)
         if self.position >= self.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
+        acc = state.get("epoch_accumulators")
+        if acc is not None and acc["epoch"] == self.epoch and self.position > 0:
+            self._restored_acc = acc
         set_rng_state(state["rng"])
-        self.log(f"resumed from {state['path']} at epoch {self.epoch}, batch {self.position} "
-                 f"(iteration {self.step})")
+        # epochs and batches counted from 1, as in the log and metrics.jsonl
+        self.log(f"resumed from {state['path']} in epoch {self.epoch + 1} after batch "
+                 f"{self.position} of {self.steps_per_epoch} (iteration {self.step})")
 
     def _truncate_logs(self, state: dict) -> None:
         """Drop log lines written after the checkpoint (by a run that was then killed)."""
@@ -369,6 +440,11 @@ class Trainer:
                          f"train loss {record['train_loss']:.4f}, "
                          f"{record['images_per_s']:.0f} img/s, "
                          f"data wait {100 * record['data_wait']:.0f}%")
+            elif self.val_loader is None:
+                self.log(f"epoch {self.epoch + 1}/{cfg.train.epochs}: "
+                         f"train loss {record['train_loss']:.4f}, "
+                         f"{record['images_per_s']:.0f} img/s, "
+                         f"data wait {100 * record['data_wait']:.0f}%")
             if self.main:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -388,11 +464,22 @@ class Trainer:
         loader.set_epoch(self.epoch, self.position)
         loader.set_mix(self.epoch < t.epochs - cfg.mix.off_last_epochs)
         dev = self.device
-        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        # the epoch's accumulators; a resumed epoch starts from the checkpoint's sums (on rank 0:
+        # they are totals over the ranks), its time and data wait from those already spent
+        prior = self._restored_acc or {"loss_sum": 0.0, "correct": 0, "seen": 0,
+                                       "labelled": 0, "wait": 0.0, "time": 0.0}
+        if not self.main:
+            prior = {**prior, "loss_sum": 0.0, "correct": 0, "seen": 0, "labelled": 0}
+        self._restored_acc = None
+        acc = self._acc = {
+            "loss_sum": torch.full((), prior["loss_sum"], device=dev, dtype=torch.float64),
+            "correct": torch.full((), prior["correct"], device=dev, dtype=torch.long),
+            "seen": prior["seen"], "labelled": prior["labelled"],
+            "wait0": loader.wait_time - prior["wait"], "t0": time.perf_counter() - prior["time"]}
+        loss_sum, correct = acc["loss_sum"], acc["correct"]
         window = torch.zeros((), device=dev, dtype=torch.float64)
-        correct = torch.zeros((), device=dev, dtype=torch.long)
-        seen = labelled = in_window = 0
-        wait0, t0 = loader.wait_time, time.perf_counter()
+        in_window = 0
+        wait0, t0 = acc["wait0"], acc["t0"]
         bar = tqdm(total=self.steps_per_epoch, initial=self.position, leave=False,
                    desc=f"epoch {self.epoch + 1}/{t.epochs} ({size}px)", unit="it",
                    disable=not self.progress, mininterval=1.0)
@@ -412,14 +499,15 @@ class Trainer:
                 torch.isfinite(loss), math.inf, float(self.step)))
             loss_sum += loss.double() * len(images)
             window += loss.double()
-            seen += len(images)
+            acc["seen"] += len(images)
             in_window += 1
             if targets.ndim == 1:
                 correct += accuracy_counts(logits, targets, ks=(1,))[0]
-                labelled += len(images)
+                acc["labelled"] += len(images)
             bar.update()
             if self.step % t.log_every == 0:
-                self._log_window(window, in_window, lr, bar, seen, loader.wait_time - wait0, t0)
+                self._log_window(window, in_window, lr, bar, acc["seen"],
+                                 loader.wait_time - wait0, t0)
                 window.zero_()
                 in_window = 0
                 if self._stop_requested():
@@ -433,10 +521,12 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         elapsed = time.perf_counter() - t0
+        self._acc = None
         self._check_finite()
         totals = distributed.all_reduce_sum(torch.stack([
-            loss_sum, torch.tensor(float(seen), device=dev, dtype=torch.float64),
-            correct.double(), torch.tensor(float(labelled), device=dev, dtype=torch.float64)]))
+            loss_sum, torch.tensor(float(acc["seen"]), device=dev, dtype=torch.float64),
+            correct.double(),
+            torch.tensor(float(acc["labelled"]), device=dev, dtype=torch.float64)]))
         loss_total, seen_all, correct_all, labelled_all = totals.tolist()
         return {"epoch": self.epoch + 1, "step": self.step, "lr": self.lr(self.step),
                 "image_size": size, "train_loss": loss_total / max(seen_all, 1),

@@ -6,11 +6,14 @@ Two sources, one output contract (uint8 N×3×S×S channels-last + int64 labels,
   batch mode. The Loader's plan (order, shards, crop boxes, flips) is fed in, and DALI decodes
   only each crop (``fn.decoders.image_slice``, the ROI decode), so batches are the same samples
   and crops as the native engine's: keyed by (seed, epoch, batch), resumable at any batch.
-- ``source="files"``: DALI's own file reader over the list ``tricks convert`` validated
-  (``<split>.files.txt``: DALI aborts the whole pipeline on one undecodable file), with DALI's
-  sharding (``shard_id``/``num_shards``, ``pad_last_batch``), a global reshuffle every epoch
-  (``shuffle_after_epoch``) and its own random crop (``fn.decoders.image_random_crop``). Its
-  order and crops are DALI's, so a resumed run sees other (equally random) batches.
+- ``source="files"``: the same stored records (what ``tricks convert`` validated: upright,
+  8-bit RGB, transparency on white), in the Loader's order and shards, but training crops are
+  DALI's own (``fn.decoders.image_random_crop``, seeded per rank) instead of the plan's boxes;
+  validation is the records path (the plan's centre crops). It used to be DALI's file reader
+  over the original files: those are not what convert normalised (transparency came out black,
+  16-bit images, EXIF orientation differed), a list of names could not hold every name the file
+  system allows, and DALI's reader sharding (``pad_last_batch``) disagreed with the plan's batch
+  count, so sharded evaluation dropped images. Reading the records fixes all three.
 
 On CUDA, decoding is ``device="mixed"`` (nvJPEG, with ``hw_decoder_load`` for the A100/H100
 hardware decoder) and resize/flip run on the GPU; without a GPU the pipeline runs on the CPU
@@ -18,16 +21,14 @@ hardware decoder) and resize/flip run on the GPU; without a GPU the pipeline run
 """
 from __future__ import annotations
 
-import math
-import os
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from ..errors import DataError, OptionError, UserError
+from ..errors import OptionError, UserError
 from ..records import RecordFile
-from ..sampling import BatchTask, EpochPlan, epoch_order, keyed_generator
+from ..sampling import BatchTask, EpochPlan, keyed_generator
 from .base import register_engine
 
 INSTALL_HINT = ("the DALI engine needs NVIDIA DALI: pip install 'tricks[dali]' (CUDA 12) or "
@@ -48,22 +49,26 @@ def _seed(*key) -> int:
 
 
 class _Feed:
-    """Iterable the records pipeline pulls batches from (DALI calls ``iter`` on each reset)."""
+    """Iterable the pipeline pulls batches from (DALI calls ``iter`` on each reset): the plan's
+    records, crop boxes and flips (``boxes=False``: records, sizes and labels only)."""
 
-    def __init__(self, records: RecordFile):
-        self.records = records
+    def __init__(self, records: RecordFile, boxes: bool = True):
+        self.records, self.boxes = records, boxes
         self.tasks: list[BatchTask] = []
 
     def __iter__(self):
         labels = self.records.index["label"]
         for t in self.tasks:
             jpegs = [np.array(self.records.raw(int(i))) for i in t.indices]
+            sizes = [np.array(float(t.size), np.float32)] * len(t.indices)
+            lab = [np.array(labels[i], np.int64) for i in t.indices]
+            if not self.boxes:
+                yield jpegs, sizes, lab
+                continue
             b = t.boxes.astype(np.float32)
             anchors = list(b[:, :2])
             shapes = list(b[:, 2:] - b[:, :2])
             flips = [np.array(int(f), np.int32) for f in t.flips]
-            sizes = [np.array(float(t.size), np.float32)] * len(t.indices)
-            lab = [np.array(labels[i], np.int64) for i in t.indices]
             yield jpegs, anchors, shapes, flips, sizes, lab
 
 
@@ -71,8 +76,7 @@ class _Feed:
 class DaliEngine:
     def __init__(self, records: RecordFile, device: torch.device | str, decode: str,
                  workers: int, prefetch: int, plan: EpochPlan, *, source: str = "records",
-                 hw_decoder_load: float = 0.65, dont_use_mmap: bool = False,
-                 initial_fill: int = 1024):
+                 hw_decoder_load: float = 0.65):
         self.fn, self.pipeline_def, self.types = _import_dali()
         if source not in ("records", "files"):
             raise OptionError(f"unknown DALI source {source!r}; choose records or files")
@@ -88,15 +92,12 @@ class DaliEngine:
         self.rank, self.world = plan.rank, plan.world_size
         self.scale, self.ratio, self.crop_ratio = plan.scale, plan.ratio, plan.crop_ratio
         self.opts = dict(threads=max(1, workers), prefetch=max(1, prefetch),
-                         hw_decoder_load=hw_decoder_load, dont_use_mmap=dont_use_mmap,
-                         initial_fill=initial_fill)
-        self._size = 224
-        self._pipe_size = None  # files: the size the built pipeline's callback has handed out
-        self._feed = _Feed(records)
+                         hw_decoder_load=hw_decoder_load)
+        # the files source crops with DALI only in training; validation is the records path
+        self._own_crops = source == "files" and plan.train
+        self._feed = _Feed(records, boxes=not self._own_crops)
         self._pipe = None
         self._clean = True  # False while an epoch is in flight (or was abandoned)
-        self._start_epoch = 0   # files: the epoch the reader was built for …
-        self._reader_epoch = 0  # … and the one it will read next
 
     # --- pipelines -----------------------------------------------------------------------------
     def _build_records(self):
@@ -125,55 +126,26 @@ class DaliEngine:
         return p
 
     def _build_files(self):
+        """Training with DALI's own random-resized crop over the stored records."""
         fn, types = self.fn, self.types
         cuda = self.device_id is not None
         o = self.opts
-        listing = self.records.path.with_name(self.records.path.stem + ".files.txt")
-        if not listing.is_file():
-            raise DataError(f"{listing} is missing: the DALI file reader needs the list "
-                            "`tricks convert` writes beside the records")
-        rows = [ln.rsplit("\t", 1) for ln in listing.read_text().splitlines() if ln.strip()]
-        missing = next((p for p, _ in rows if not os.path.exists(p)), None)
-        if missing:
-            raise DataError(f"{missing} (listed in {listing}) no longer exists")
-        files, labels = [p for p, _ in rows], [int(lab) for _, lab in rows]
-        if self.train:  # the reader's first epoch is in list order: start from a shuffled one
-            order = epoch_order(len(files), self.seed, self._start_epoch, True).tolist()
-            files, labels = [files[i] for i in order], [labels[i] for i in order]
-        self.files_count = len(files)
-
-        # a global reshuffle every epoch, with one seed on every rank so shards stay disjoint
-        shuffle = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=_seed(self.seed, "order")
-                       ) if self.train else {}
 
         @self.pipeline_def(batch_size=self.batch_size, num_threads=o["threads"],
                            device_id=self.device_id, prefetch_queue_depth=o["prefetch"],
                            seed=_seed(self.seed, self.rank, "dali"), exec_dynamic=True)
         def pipe():
-            jpegs, labels_ = fn.readers.file(
-                files=files, labels=labels, shard_id=self.rank, num_shards=self.world,
-                pad_last_batch=True, **shuffle,
-                dont_use_mmap=o["dont_use_mmap"], initial_fill=o["initial_fill"],
-                name="Reader")
-            sizes = fn.external_source(source=lambda: [np.array(float(self._size), np.float32)]
-                                       * self.batch_size, batch=True)
-            dev = "mixed" if cuda else "cpu"
+            jpegs, sizes, labels = fn.external_source(
+                source=self._feed, num_outputs=3, batch=True, cycle="raise",
+                dtype=[types.UINT8, types.FLOAT, types.INT64])
             extra = dict(hw_decoder_load=o["hw_decoder_load"]) if cuda else {}
-            if self.train:
-                images = fn.decoders.image_random_crop(
-                    jpegs, device=dev, output_type=types.RGB, random_area=list(self.scale),
-                    random_aspect_ratio=list(self.ratio), num_attempts=10,
-                    adjust_orientation=False, **extra)
-                images = fn.resize(images, resize_x=sizes, resize_y=sizes, antialias=True)
-                images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
-            else:
-                images = fn.decoders.image(jpegs, device=dev, output_type=types.RGB,
-                                           adjust_orientation=False, **extra)
-                images = fn.resize(images, resize_shorter=sizes / self.crop_ratio,
-                                   antialias=True)
-                images = fn.crop(images, crop_w=sizes, crop_h=sizes)
-            labels_ = fn.cast(labels_, dtype=types.INT64)
-            return images, labels_.gpu() if cuda else labels_
+            images = fn.decoders.image_random_crop(
+                jpegs, device="mixed" if cuda else "cpu", output_type=types.RGB,
+                random_area=list(self.scale), random_aspect_ratio=list(self.ratio),
+                num_attempts=10, adjust_orientation=False, **extra)
+            images = fn.resize(images, resize_x=sizes, resize_y=sizes, antialias=True)
+            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+            return images, labels.gpu() if cuda else labels
         p = pipe()
         p.build()
         return p
@@ -184,8 +156,7 @@ class DaliEngine:
             # DALI, so start over with a fresh pipeline rather than serve stale batches
             self._pipe = None
         if self._pipe is None:
-            self._pipe = self._build_records() if self.source == "records" else \
-                self._build_files()
+            self._pipe = self._build_files() if self._own_crops else self._build_records()
         return self._pipe
 
     # --- batches -------------------------------------------------------------------------------
@@ -211,51 +182,18 @@ class DaliEngine:
 
     def batches(self, tasks: Iterable[BatchTask]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         tasks = list(tasks)
-        if tasks:
-            self._size = tasks[0].size
-        if self.source == "records":
-            self._feed.tasks = tasks
-            pipe = self._pipeline()
-            self._clean = False
-            for _ in tasks:
-                images, labels = self._run(pipe)
-                yield self._to_torch(images, labels)
-            try:  # the feed is exhausted: DALI says so, and is reset for the next epoch
-                self._run(pipe)
-                raise RuntimeError("DALI returned more batches than were fed")
-            except StopIteration:
-                pipe.reset()
-            self._clean = True
-            return
-        epoch = tasks[0].epoch if tasks else self._reader_epoch
-        if epoch != self._reader_epoch or (self._pipe is not None and
-                                           self._size != self._pipe_size):
-            # DALI's reader only moves forward: a jump (a resume, a repeated epoch) starts a
-            # reader whose first order is ours for that epoch; DALI reshuffles from there on.
-            # A new image size does too: DALI has already called the size callback for the
-            # batches it prefetched, at the old size (progressive resizing)
-            self._pipe, self._start_epoch, self._reader_epoch = None, epoch, epoch
+        self._feed.tasks = tasks
         pipe = self._pipeline()
-        self._pipe_size = self._size
         self._clean = False
-        yield from self._files_epoch(pipe, len(tasks))
-        self._clean = True
-        self._reader_epoch += 1
-
-    def _files_epoch(self, pipe, wanted: int):
-        """One epoch of DALI's reader on this shard: ``wanted`` batches at most (the Loader's
-        count); the padded tail of the shard is trimmed, and the reader is run to its epoch end
-        so the next epoch starts aligned."""
-        n, s = self.files_count, self.rank
-        shard = (s + 1) * n // self.world - s * n // self.world
-        runs = math.ceil(shard / self.batch_size)
-        for k in range(runs):
+        for _ in tasks:
             images, labels = self._run(pipe)
-            x, y = self._to_torch(images, labels)
-            keep = min(self.batch_size, shard - k * self.batch_size)
-            full = keep == self.batch_size
-            if k < wanted and (full or not self.train):
-                yield x[:keep], y[:keep]
+            yield self._to_torch(images, labels)
+        try:  # the feed is exhausted: DALI says so, and is reset for the next epoch
+            self._run(pipe)
+            raise RuntimeError("DALI returned more batches than were fed")
+        except StopIteration:
+            pipe.reset()
+        self._clean = True
 
     def close(self) -> None:
         self._pipe = None

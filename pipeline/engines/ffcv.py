@@ -6,7 +6,10 @@ whose GPU path needs cupy).
 FFCV keeps its own order (``OrderOption.RANDOM``, or ``QUASI_RANDOM`` on one process),
 sharding (``distributed=True`` under DDP) and crops; the Loader's plan supplies the epoch, the
 image size (progressive resizing sets the decoder's output size between epochs) and how many
-batches to skip when resuming. ``import ffcv`` sets torch's CPU threads to 1, and FFCV's loader
+batches to skip when resuming. FFCV shards with torch's ``DistributedSampler(drop_last=False)``,
+which pads the epoch with repeats of its first samples up to a multiple of the world size (rank
+r gets samples r, r + world, …): in evaluation those repeats are cut, so every sample is counted
+exactly once across ranks. ``import ffcv`` sets torch's CPU threads to 1, and FFCV's loader
 to its worker count: the caller's count is put back each time.
 """
 from __future__ import annotations
@@ -61,6 +64,10 @@ class FfcvEngine:
                             "--format beton`")
         self.device = torch.device(device)
         self.train = plan.train
+        # evaluation: this rank's real samples under DistributedSampler's strided assignment
+        # (the rest of its share is padding, repeated samples)
+        self._keep = len(range(plan.rank, plan.n, plan.world_size)) \
+            if distributed and not plan.train else None
         size = 224
         if plan.train:
             self.decoder = decoders.RandomResizedCropRGBImageDecoder(
@@ -95,9 +102,15 @@ class FfcvEngine:
         self.decoder.output_size = (tasks[0].size, tasks[0].size)
         self.loader.next_epoch = tasks[0].epoch
         skip = tasks[0].batch  # resuming mid-epoch: FFCV has no seek, so decode and drop
+        left = self._keep
         for k, (images, labels) in enumerate(self.loader):
             if k == 0:  # FFCV's epoch thread has set torch's threads to num_workers again
                 torch.set_num_threads(self._threads)
+            if left is not None:  # cut DistributedSampler's padding (evaluation only)
+                images, labels = images[:left], labels[:left]
+                left -= len(images)
+                if len(images) == 0:
+                    continue
             if k >= skip:
                 yield images, labels.long().reshape(-1)
 
