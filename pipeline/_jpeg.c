@@ -201,9 +201,10 @@ static int crop_one(const Job *job, int size, int fast, unsigned char *out, char
     jpeg_start_decompress(&cinfo);
     JDIMENSION xoff = (JDIMENSION)ax.lo, cw = (JDIMENSION)(ax.hi - ax.lo);
     if (cw < (JDIMENSION)width) jpeg_crop_scanline(&cinfo, &xoff, &cw); /* widens to iMCUs */
-    int nrows = ay.hi - ay.lo;
-    rows = (float *)malloc(sizeof(float) * (size_t)nrows * size * 3);
-    line = (JSAMPLE *)malloc((size_t)cinfo.output_width * 3);
+    const int nrows = ay.hi - ay.lo, stride = (int)cw * 3;
+    /* the crop's decoded rows (uint8), then one float row for the vertical pass */
+    line = (JSAMPLE *)malloc((size_t)nrows * stride);
+    rows = (float *)malloc(sizeof(float) * stride);
     if (!rows || !line) {
         strcpy(err.message, "out of memory");
         longjmp(err.jump, 1);
@@ -215,44 +216,51 @@ static int crop_one(const Job *job, int size, int fast, unsigned char *out, char
             longjmp(err.jump, 1);
         }
     }
-    /* horizontal pass as each row arrives: rows[r] = the crop's row r resampled to size */
-    const int nt = ax.ntaps;
-    for (int r = 0; r < nrows; r++) {
-        JSAMPROW rp = line;
-        if (jpeg_read_scanlines(&cinfo, &rp, 1) != 1) {
+    JSAMPROW pointers[16];
+    for (int r = 0; r < nrows;) {
+        int want = nrows - r < 16 ? nrows - r : 16;
+        for (int k = 0; k < want; k++) pointers[k] = line + (size_t)(r + k) * stride;
+        JDIMENSION got = jpeg_read_scanlines(&cinfo, pointers, (JDIMENSION)want);
+        if (got == 0) {
             strcpy(err.message, "short read");
             longjmp(err.jump, 1);
         }
-        float *dst = rows + (size_t)r * size * 3;
-        for (int i = 0; i < size; i++) {
-            const float *w = ax.weights + (size_t)i * nt;
-            const JSAMPLE *src = line + (size_t)(ax.first[i] - (int)xoff) * 3;
-            float c0 = 0, c1 = 0, c2 = 0;
-            for (int k = 0, taps = ax.count[i]; k < taps; k++) {
-                c0 += w[k] * src[3 * k];
-                c1 += w[k] * src[3 * k + 1];
-                c2 += w[k] * src[3 * k + 2];
-            }
-            int o = job->flip ? size - 1 - i : i;
-            dst[3 * o] = c0;
-            dst[3 * o + 1] = c1;
-            dst[3 * o + 2] = c2;
-        }
+        r += (int)got;
     }
     /* the rows below the crop are never decoded */
     jpeg_abort_decompress(&cinfo);
     jpeg_destroy_decompress(&cinfo);
-    /* vertical pass */
-    const int mt = ay.ntaps, rowlen = size * 3;
+    /* vertical pass first (contiguous, vectorised), then the horizontal one on size rows only:
+     * the gathering (scalar) pass runs on the smaller image when shrinking */
+    float *acc = rows;
+    const int *fx = ax.first, *cx = ax.count;
+    const float *wx = ax.weights;
+    const int nx = ax.ntaps, shift = (int)xoff;
     for (int i = 0; i < size; i++) {
-        const float *w = ay.weights + (size_t)i * mt;
-        const float *src = rows + (size_t)(ay.first[i] - ay.lo) * rowlen;
-        unsigned char *o = out + (size_t)i * rowlen;
+        const float *w = ay.weights + (size_t)i * ay.ntaps;
+        const JSAMPLE *src = line + (size_t)(ay.first[i] - ay.lo) * stride;
         const int taps = ay.count[i];
-        for (int x = 0; x < rowlen; x++) {
-            float v = 0.5f;
-            for (int k = 0; k < taps; k++) v += w[k] * src[(size_t)k * rowlen + x];
-            o[x] = v <= 0 ? 0 : v >= 255 ? 255 : (unsigned char)v;
+        for (int x = 0; x < stride; x++) acc[x] = w[0] * src[x];
+        for (int k = 1; k < taps; k++) {
+            const JSAMPLE *sk = src + (size_t)k * stride;
+            const float wk = w[k];
+            for (int x = 0; x < stride; x++) acc[x] += wk * sk[x];
+        }
+        unsigned char *o = out + (size_t)i * size * 3;
+        for (int j = 0; j < size; j++) {
+            const float *wj = wx + (size_t)j * nx;
+            const float *a3 = acc + (size_t)(fx[j] - shift) * 3;
+            float c0 = 0.5f, c1 = 0.5f, c2 = 0.5f;
+            for (int k = 0, taps2 = cx[j]; k < taps2; k++) {
+                c0 += wj[k] * a3[3 * k];
+                c1 += wj[k] * a3[3 * k + 1];
+                c2 += wj[k] * a3[3 * k + 2];
+            }
+            /* weights are >= 0 and sum to 1: c stays within [0.5, 255.5] up to rounding */
+            unsigned char *p = o + 3 * (job->flip ? size - 1 - j : j);
+            p[0] = (unsigned char)(c0 < 255.0f ? c0 : 255.0f);
+            p[1] = (unsigned char)(c1 < 255.0f ? c1 : 255.0f);
+            p[2] = (unsigned char)(c2 < 255.0f ? c2 : 255.0f);
         }
     }
     axis_free(&ax);

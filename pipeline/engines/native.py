@@ -53,7 +53,8 @@ def dct_denominator(box: np.ndarray, size: int) -> int:
 
 def pil_crop(jpeg: bytes | np.ndarray, box: np.ndarray, flip: bool, size: int) -> np.ndarray:
     """Decode one JPEG with Pillow, crop ``box`` (x0, y0, x1, y1 in source pixels), resize to
-    size×size (``BOX`` when shrinking, ``BILINEAR`` when enlarging), flip; HWC uint8 RGB.
+    size×size (per axis: ``BOX`` where it shrinks, ``BILINEAR`` where it enlarges), flip;
+    HWC uint8 RGB. Raises what Pillow raises for a file it cannot read.
 
     A large crop is decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``). Pillow then reports the
     rounded-up size ceil(W/d); the box is divided by the exact factor d, never scaled by the
@@ -69,9 +70,17 @@ def pil_crop(jpeg: bytes | np.ndarray, box: np.ndarray, flip: bool, size: int) -
     if img.mode != "RGB":
         img = img.convert("RGB")
     # clamped: the last block of a reduced decode can be partial
-    bx = (box[0] / d, box[1] / d, min(box[2] / d, img.size[0]), min(box[3] / d, img.size[1]))
-    filt = Image.Resampling.BOX if bx[2] - bx[0] >= size else Image.Resampling.BILINEAR
-    out = img.resize((size, size), filt, box=bx)
+    x0, y0 = box[0] / d, box[1] / d
+    x1, y1 = min(box[2] / d, img.size[0]), min(box[3] / d, img.size[1])
+    # each axis its own filter (as the C path): an area average where it shrinks, bilinear
+    # where it enlarges
+    fx, fy = (Image.Resampling.BOX if n >= size else Image.Resampling.BILINEAR
+              for n in (x1 - x0, y1 - y0))
+    if fx == fy:
+        out = img.resize((size, size), fx, box=(x0, y0, x1, y1))
+    else:  # Pillow resamples separably too (horizontal, then vertical): same result
+        out = img.resize((size, img.size[1]), fx, box=(x0, 0, x1, img.size[1]))
+        out = out.resize((size, size), fy, box=(0, y0, size, y1))
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out)
