@@ -279,6 +279,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="also run each engine (not torchvision) with jitter + lighting + erasing "
                         "+ mixup")
     p.add_argument("--out", help="results folder (default: benchmarks/results/<device>/)")
+    p.add_argument("--name", default="loader",
+                   help="file name of the results (NAME.json, .md, .png; default loader)")
     return p
 
 
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup_rounds": 1, "timed_windows": args.runs,
                 "timing": "interleaved: one epoch of each engine in turn, per window",
                 "engine_versions": _engine_versions()}
-    path = write_results("loader", device, settings, entries, args.out)
+    path = write_results(args.name, device, settings, entries, args.out)
     md, png = write_loader_report(path)
     print(f"results: {path}, {md.name}, {png.name}")
     return 0
