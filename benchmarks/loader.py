@@ -1,12 +1,23 @@
-"""Loader throughput: the native, DALI and FFCV engines against torchvision ImageFolder +
-DataLoader.
+"""Loader throughput, side by side in one run: every installed engine (native with libjpeg-turbo,
+native with its Pillow fallback, DALI, FFCV) and torchvision ImageFolder + DataLoader read the same
+stored JPEGs and make the same training batches (random-resized crop + flip, uint8 → normalized
+fp32/fp16, channels-last, on the device).
 
-Both read the same JPEGs (the records hold the tree's bytes unchanged), make the same training
-batches (random-resized crop + flip, uint8 → normalized, channels-last, on the device) with the
-same worker count, and are timed per epoch after one warm-up epoch; the median is reported.
+The grid: storage (full size, and re-encoded at max side 256) × crop side × worker count. In each
+cell every engine is built first, then timed in interleaved windows (one epoch of each engine in
+turn, after one warm-up round), so a machine's drift hits all alike; the median window is
+reported, as images/s and images/s per worker. A ``decode-ceiling`` row times a plain
+libjpeg-turbo full decode (``tricks.pipeline._jpeg.decode``) of the same bytes in one thread,
+times the workers: what the cores could give if decoding were all they did.
 
-    python -m tricks.benchmarks.loader                        # 512 generated ~450 px JPEGs
-    python -m tricks.benchmarks.loader --data /data/imagenet/train --images 10000
+Images (``--source photos``, the default): real photographs shipped inside installed packages
+(matplotlib's grace_hopper.jpg; scikit-image's sample photos when it is installed), re-encoded at
+500 px on the longer side, quality 90, replicated as distinct random crops (benchmarks/photos.py).
+``--source generated``: smooth-noise JPEGs (decode unlike photos). ``--data``: an ImageFolder tree.
+
+    tricks bench loader                                   # the grid, photos, 1 and 2 workers
+    tricks bench loader --workers 16 --engines native --decode workers   # a GPU host's CPU path
+    tricks bench loader --data /data/imagenet/train --images 10000
 """
 from __future__ import annotations
 
@@ -85,32 +96,6 @@ def trick_stack():
     return dict(augment=[ColorJitter(), Lighting(), RandomErasing()], mix=Mixup())
 
 
-def bench_engine(records: Path, args, device, dtype, engine: str, options: dict,
-                 stack: bool) -> tuple[list[float], dict]:
-    loader = Loader(records, "train", args.batch, image_size=args.size, device=device,
-                    dtype=dtype, workers=args.workers, decode=args.decode if engine == "native"
-                    else "auto", seed=0, engine=engine, engine_options=options,
-                    **(trick_stack() if stack else {}))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    windows = []
-    for epoch in range(args.runs + 1):
-        loader.set_epoch(epoch)
-        n = 0
-        with Timer(device) as t:
-            for images, _ in loader:
-                n += len(images)
-        if epoch:  # the first epoch warms up workers and caches
-            windows.append(n / t.seconds)
-    memory = {}
-    if device.type == "cuda":  # torch's peak, and the whole device's use (DALI's pools too)
-        free, total = torch.cuda.mem_get_info(device)
-        memory = {"torch_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                  "device_used_mb": (total - free) / 2**20}
-    loader.close()
-    return windows, memory
-
-
 def records_to_tree(records: Path, dst: Path) -> Path:
     """The records' stored JPEGs written back as an ImageFolder tree (for torchvision)."""
     from tricks.pipeline.records import RecordFile, read_classes
@@ -126,31 +111,111 @@ def records_to_tree(records: Path, dst: Path) -> Path:
     return dst
 
 
-def bench_torchvision(tree: Path, args, device, dtype) -> list[float]:
-    from torchvision import datasets
-    from torchvision.transforms import v2
 
-    tf = v2.Compose([v2.RandomResizedCrop(args.size, antialias=True), v2.RandomHorizontalFlip(),
-                     v2.PILToTensor()])
-    ds = datasets.ImageFolder(str(tree), transform=tf)
-    dl = torch.utils.data.DataLoader(ds, args.batch, shuffle=True, drop_last=True,
-                                     num_workers=args.workers, pin_memory=device.type == "cuda",
-                                     persistent_workers=args.workers > 0)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    windows = []
-    for epoch in range(args.runs + 1):
+
+class _LoaderRun:
+    """One engine through ``tricks.pipeline.Loader``: ``epoch()`` → (images, seconds)."""
+
+    def __init__(self, records: Path, args, size: int, workers: int, device, dtype,
+                 engine: str, decode: str, options: dict, stack: bool):
+        self.loader = Loader(records, "train", args.batch, image_size=size, device=device,
+                             dtype=dtype, workers=workers, decode=decode, seed=0, engine=engine,
+                             engine_options=options, **(trick_stack() if stack else {}))
+        self.device, self.epochs = device, 0
+
+    def epoch(self) -> tuple[int, float]:
+        self.loader.set_epoch(self.epochs)
+        self.epochs += 1
         n = 0
-        with Timer(device) as t:
-            for images, labels in dl:
-                x = images.to(device, non_blocking=True).to(dtype)
-                x = ((x - mean.to(dtype)) / std.to(dtype)).contiguous(
-                    memory_format=torch.channels_last)
-                labels.to(device, non_blocking=True)
+        with Timer(self.device) as t:
+            for images, _ in self.loader:
+                n += len(images)
+        return n, t.seconds
+
+    def extra(self) -> dict:
+        eng = self.loader.engine
+        out = {}
+        if hasattr(eng, "cpu_decoder"):
+            out = {"decode": eng.decode, "cpu_decoder": eng.cpu_decoder,
+                   "pillow_images": eng.fallbacks}
+        if self.device.type == "cuda":  # torch's peak, and the whole device's use (DALI's too)
+            free, total = torch.cuda.mem_get_info(self.device)
+            out.update(torch_peak_mb=torch.cuda.max_memory_allocated(self.device) / 2**20,
+                       device_used_mb=(total - free) / 2**20)
+        return out
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+class _TorchvisionRun:
+    """ImageFolder + DataLoader (PIL, v2 RandomResizedCrop + flip), normalized on the device."""
+
+    def __init__(self, tree: Path, args, size: int, workers: int, device, dtype):
+        from torchvision import datasets
+        from torchvision.transforms import v2
+        tf = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                         v2.PILToTensor()])
+        ds = datasets.ImageFolder(str(tree), transform=tf)
+        self.dl = torch.utils.data.DataLoader(
+            ds, args.batch, shuffle=True, drop_last=True, num_workers=workers,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        self.mean = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255).to(dtype)
+        self.std = (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255).to(dtype)
+        self.device, self.dtype = device, dtype
+
+    def epoch(self) -> tuple[int, float]:
+        n = 0
+        with Timer(self.device) as t:
+            for images, labels in self.dl:
+                x = images.to(self.device, non_blocking=True).to(self.dtype)
+                x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+                labels.to(self.device, non_blocking=True)
                 n += len(x)
-        if epoch:
-            windows.append(n / t.seconds)
-    return windows
+        return n, t.seconds
+
+    def extra(self) -> dict:
+        return {"pipeline": "ImageFolder + DataLoader, v2 RandomResizedCrop + flip (PIL)"}
+
+    def close(self) -> None:
+        it = getattr(self.dl, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()
+
+
+class _CeilingRun:
+    """A plain full decode to RGB of every stored JPEG in one thread: libjpeg-turbo through
+    ``tricks.pipeline._jpeg.decode`` (accurate IDCT, fancy upsampling), or Pillow's
+    ``Image.load`` when the extension is not built. ``epoch()`` scales the rate by ``workers``."""
+
+    def __init__(self, records: Path, workers: int):
+        from tricks.pipeline.records import RecordFile
+        rf = RecordFile(records / "train.rec")
+        self.jpegs = [rf.raw(i).tobytes() for i in range(len(rf))]
+        self.workers = workers
+        try:
+            from tricks.pipeline import _jpeg
+            self.decode, self.how = _jpeg.decode, "libjpeg-turbo (tricks.pipeline._jpeg.decode)"
+        except ImportError:
+            import io
+
+            def pil(b):
+                with Image.open(io.BytesIO(b)) as img:
+                    img.convert("RGB").load()
+            self.decode, self.how = pil, "Pillow (the extension is not built)"
+
+    def epoch(self) -> tuple[int, float]:
+        with Timer(torch.device("cpu")) as t:
+            for b in self.jpegs:
+                self.decode(b)
+        return len(self.jpegs) * self.workers, t.seconds
+
+    def extra(self) -> dict:
+        return {"decoder": self.how, "threads": 1,
+                "note": f"one thread's full-decode rate × {self.workers} worker(s)"}
+
+    def close(self) -> None:
+        pass
 
 
 def _installed(module: str) -> bool:
@@ -161,91 +226,238 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _storages(text: str) -> list[int | None]:
+    out = []
+    for v in text.split(","):
+        v = v.strip()
+        if v in ("full", "0"):
+            out.append(None)
+        elif v.isdigit():
+            out.append(int(v))
+        else:
+            raise argparse.ArgumentTypeError(f"storage: 'full' or a max side in pixels, got {v!r}")
+    return out
+
+
+ENGINES = ("native", "native-pillow", "dali", "dali-files", "ffcv", "torchvision")
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tricks bench loader", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="an ImageFolder tree (default: generated JPEGs)")
+    p.add_argument("--source", choices=("photos", "generated"), default="photos",
+                   help="the images when no --data is given (see above)")
+    p.add_argument("--data", help="an ImageFolder tree (overrides --source)")
     p.add_argument("--images", type=int, default=512, help="how many images to read")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=_ints, default=[224, 160],
+                   help="crop side(s), comma-separated (default 224,160)")
+    p.add_argument("--storage", type=_storages, default=[None, 256],
+                   help="'full' and/or max sides to re-encode at, comma-separated (default "
+                        "full,256); every engine reads the same stored images")
     p.add_argument("--max-side", type=int, default=None,
-                   help="store the images re-encoded at this longer side (every engine reads "
-                        "the same stored images)")
+                   help="shorthand for --storage N (one storage only)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--runs", type=int, default=5, help="timed epochs (after one warm-up)")
+    p.add_argument("--workers", type=_ints, default=[1, 2],
+                   help="worker counts (native: decode threads; DALI: threads), comma-separated")
+    p.add_argument("--runs", type=int, default=5, help="timed windows per engine (after one "
+                   "warm-up round); each window is one epoch")
     p.add_argument("--decode", default="auto", help="native engine decode mode")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
     p.add_argument("--engines", default=None,
-                   help="comma-separated: native, dali, dali-files, ffcv, torchvision "
-                        "(default: all that are installed)")
+                   help=f"comma-separated, of {', '.join(ENGINES)} (default: all installed but "
+                        "dali-files)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the decode-ceiling row")
     p.add_argument("--stack", action="store_true",
-                   help="also run native and DALI with jitter + lighting + erasing + mixup")
+                   help="also run each engine (not torchvision) with jitter + lighting + erasing "
+                        "+ mixup")
     p.add_argument("--out", help=OUT_HELP)
+    p.add_argument("--name", default="loader",
+                   help="file name of the results (NAME.json, .md, .png; default loader)")
     return p
+
+
+def _prepare(tree: Path, work: Path, max_side: int | None, workers: int, ffcv: bool):
+    side = f"-max{max_side}" if max_side else ""
+    records = work / f"records-{tree.name}{side}"
+    if not (records / "classes.json").is_file():
+        convert(tree, records, max_side=max_side, quality=90, workers=workers, progress=False)
+    files = records_to_tree(records, work / f"tree-{tree.name}{side}") if max_side else tree
+    if ffcv and not (records / "train.beton").is_file():
+        from tricks.pipeline.beton import write_beton  # before any FFCV loader exists here
+        write_beton(records / "train.rec", workers=workers, jpeg_quality=90)
+    return records, files
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
+    if args.max_side is not None:
+        args.storage = [args.max_side]
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     work = cache_dir() / "bench"
+    prep_workers = max(1, max(args.workers))
     if args.data:
         tree = _subset_tree(Path(args.data), work / f"subset-{Path(args.data).name}-{args.images}",
                             args.images)
+        data = args.data
+    elif args.source == "photos":
+        from .photos import make_photo_set
+        tree = make_photo_set(work / f"photos-{args.images}", args.images)
+        data = ("photographs shipped in installed packages, re-encoded at 500 px, quality 90: "
+                + ", ".join(Path(p).name for p in (tree / "SOURCES.txt").read_text().split()))
     else:
-        tree = make_jpegs(work / f"jpegs-{args.images}", args.images, workers=max(1, args.workers))
-    side = f"-max{args.max_side}" if args.max_side else ""
-    records = work / f"records-{tree.name}{side}"
-    if not (records / "classes.json").is_file():
-        convert(tree, records, max_side=args.max_side, quality=90, workers=args.workers,
-                progress=False)
-    if args.max_side:  # torchvision reads the same stored (re-encoded) images, as files
-        tree = records_to_tree(records, work / f"tree-{tree.name}{side}")
-    entries = []
-    settings = {"images": args.images, "size": args.size, "batch": args.batch,
-                "workers": args.workers, "dtype": str(dtype).replace("torch.", ""),
-                "data": args.data or "generated ~450 px JPEGs, quality 90",
-                "max_side": args.max_side,
-                "warmup_epochs": 1, "timed_epochs": args.runs}
+        tree = make_jpegs(work / f"jpegs-{args.images}", args.images, workers=prep_workers)
+        data = "generated ~450 px JPEGs, quality 90"
     engines = args.engines.split(",") if args.engines else \
-        ["native"] + (["dali", "dali-files"] if _installed("nvidia.dali") else []) + \
+        ["native", "native-pillow"] + (["dali"] if _installed("nvidia.dali") else []) + \
         (["ffcv"] if _installed("ffcv") else []) + ["torchvision"]
-    if "ffcv" in engines and not (records / "train.beton").is_file():
-        from tricks.pipeline.beton import write_beton  # before any FFCV loader exists in this process
-        write_beton(records / "train.rec", workers=max(1, args.workers), jpeg_quality=90)
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        print(f"error: unknown engine(s) {', '.join(unknown)}; choose {', '.join(ENGINES)}",
+              file=sys.stderr)
+        return 1
+    stores = {s: _prepare(tree, work, s, prep_workers, "ffcv" in engines) for s in args.storage}
     runs = [(e, False) for e in engines] + \
         [(e, True) for e in engines if args.stack and e != "torchvision"]
-    for name, stack in runs:
-        label = name + ("+stack" if stack else "")
-        memory: dict = {}
-        if name == "native":
-            windows, memory = bench_engine(records, args, device, dtype, "native", {}, stack)
-            extra = {"decode": args.decode if args.decode != "auto" else
-                     ("device" if device.type == "cuda" else "workers")}
-        elif name in ("dali", "dali-files"):
-            source = "files" if name == "dali-files" else "records"
-            windows, memory = bench_engine(records, args, device, dtype, "dali",
-                                           {"source": source}, stack)
-            extra = {"source": source, "threads": args.workers}
-        elif name == "ffcv":
-            windows, memory = bench_engine(records, args, device, dtype, "ffcv", {}, stack)
-            extra = {"storage": ".beton, jpg mode, quality 90 (from the same records)",
-                     "workers": args.workers, "note": "first epoch (numba compile) untimed"}
-        elif name == "torchvision":
-            windows = bench_torchvision(tree, args, device, dtype)
-            extra = {"pipeline": "ImageFolder + DataLoader, v2 RandomResizedCrop + flip (PIL)"}
-        else:
-            print(f"error: unknown engine {name!r}; choose native, dali, dali-files, ffcv, "
-                  "torchvision", file=sys.stderr)
-            return 1
-        extra.update(memory, stack="jitter+lighting+erasing+mixup" if stack else None)
-        entries.append(entry(label, extra, windows))
-        print(f"{label:18s} median {entries[-1]['median']:8.0f} images/s  "
-              f"(windows: {', '.join(f'{w:.0f}' for w in windows)})")
-    path = write_results("loader", device, settings, entries, args.out)
-    print(f"results: {path}")
+    entries = []
+    for max_side, (records, files) in stores.items():
+        storage = f"max side {max_side}" if max_side else "full size"
+        for size in args.size:
+            for workers in args.workers:
+                cell = {"storage": storage, "max_side": max_side, "size": size,
+                        "workers": workers}
+                runners = []
+                for name, stack in runs:
+                    label = name + ("+stack" if stack else "")
+                    if name == "native":
+                        r = _LoaderRun(records, args, size, workers, device, dtype, "native",
+                                       args.decode, {}, stack)
+                    elif name == "native-pillow":
+                        r = _LoaderRun(records, args, size, workers, device, dtype, "native",
+                                       "workers", {"cpu_decoder": "pillow"}, stack)
+                    elif name in ("dali", "dali-files"):
+                        r = _LoaderRun(records, args, size, workers, device, dtype, "dali",
+                                       "auto", {"source": "files" if name == "dali-files"
+                                                else "records"}, stack)
+                    elif name == "ffcv":
+                        r = _LoaderRun(records, args, size, workers, device, dtype, "ffcv",
+                                       "auto", {}, stack)
+                    else:
+                        r = _TorchvisionRun(files, args, size, workers, device, dtype)
+                    runners.append((label, stack, r))
+                if not args.no_ceiling:
+                    runners.append(("decode-ceiling", False, _CeilingRun(records, workers)))
+                windows: dict[str, list[float]] = {label: [] for label, _, _ in runners}
+                for round_ in range(args.runs + 1):  # round 0 warms up (workers, numba, caches)
+                    for label, _, r in runners:
+                        n, seconds = r.epoch()
+                        if round_:
+                            windows[label].append(n / seconds)
+                for label, stack, r in runners:
+                    extra = dict(cell, **r.extra())
+                    extra["stack"] = "jitter+lighting+erasing+mixup" if stack else None
+                    e = entry(label, extra, windows[label])
+                    e["per_worker"] = e["median"] / workers
+                    entries.append(e)
+                    r.close()
+                    print(f"{storage:>12s} {size:4d}² {workers:2d}w  {label:16s} "
+                          f"{e['median']:8.0f} images/s  {e['per_worker']:7.0f}/worker  "
+                          f"(windows: {', '.join(f'{w:.0f}' for w in windows[label])})",
+                          flush=True)
+    settings = {"images": args.images, "sizes": args.size, "batch": args.batch,
+                "workers": args.workers, "storages": ["full" if s is None else s
+                                                      for s in args.storage],
+                "dtype": str(dtype).replace("torch.", ""), "data": data,
+                "warmup_rounds": 1, "timed_windows": args.runs,
+                "timing": "interleaved: one epoch of each engine in turn, per window",
+                "engine_versions": _engine_versions()}
+    path = write_results(args.name, device, settings, entries, args.out)
+    md, png = write_loader_report(path)
+    print(f"results: {path}, {md.name}, {png.name}")
     return 0
+
+
+def _engine_versions() -> dict:
+    from importlib import metadata
+    out = {}
+    for dist in ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "ffcv", "opencv-python"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        from tricks.pipeline import _jpeg
+        out["libjpeg (tricks.pipeline._jpeg)"] = _jpeg.LIBJPEG_VERSION
+    except ImportError:
+        out["libjpeg (tricks.pipeline._jpeg)"] = None
+    return out
+
+
+def write_loader_report(json_path: Path) -> tuple[Path, Path]:
+    """Markdown tables (one per worker count: images/s and, in brackets, per worker; the native
+    engine's ratios to the others) and a grouped bar chart, beside the JSON."""
+    import json
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doc = json.loads(Path(json_path).read_text())
+    res = [r for r in doc["results"]]
+    cells = list(dict.fromkeys((r["settings"]["storage"], r["settings"]["size"],
+                                r["settings"]["workers"]) for r in res))
+    names = list(dict.fromkeys(r["name"] for r in res))
+    med = {(r["settings"]["storage"], r["settings"]["size"], r["settings"]["workers"],
+            r["name"]): r["median"] for r in res}
+    others = [n for n in ("ffcv", "dali", "torchvision", "decode-ceiling") if n in names]
+    lines = [f"# Loader throughput ({doc['device']})", "",
+             f"{doc['time']}, commit {doc['commit']}; batch {doc['settings']['batch']}, "
+             f"{doc['settings']['images']} images ({doc['settings']['data']}); "
+             f"{doc['settings']['dtype']} normalized output; median of "
+             f"{doc['settings']['timed_windows']} interleaved windows. images/s (per worker).", ""]
+    for workers in dict.fromkeys(c[2] for c in cells):
+        lines += [f"## {workers} worker{'s' if workers > 1 else ''}", "",
+                  "| crop, storage | " + " | ".join(names) + " | " +
+                  " | ".join(f"native ÷ {o}" for o in others) + " |",
+                  "|---" * (1 + len(names) + len(others)) + "|"]
+        for storage, size, w in cells:
+            if w != workers:
+                continue
+            row = [f"{size}², {storage}"]
+            for n in names:
+                v = med.get((storage, size, w, n))
+                row.append("" if v is None else f"{v:,.0f} ({v / w:,.0f})")
+            nat = med.get((storage, size, w, "native"))
+            for o in others:
+                v = med.get((storage, size, w, o))
+                row.append(f"{nat / v:.2f}" if nat and v else "")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    md = Path(json_path).with_suffix(".md")
+    md.write_text("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(cells)), 4.2))
+    width = 0.8 / max(1, len(names))
+    for k, n in enumerate(names):
+        xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(cells))]
+        ax.bar(xs, [med.get((*c, n)) or 0 for c in cells], width, label=n)
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels([f"{s}²\n{st}\n{w} worker{'s' if w > 1 else ''}"
+                        for st, s, w in cells], fontsize=8)
+    ax.set_ylabel("images/s")
+    ax.set_title(f"Loader throughput, {doc['device']}", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    png = Path(json_path).with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return md, png
 
 
 if __name__ == "__main__":  # through the CLI: its one-line errors

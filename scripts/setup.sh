@@ -20,6 +20,17 @@ if [ ! -x .venv/bin/python ]; then
   fi
   "$py" -m venv .venv
 fi
+# the native engine's CPU decoder (tricks.pipeline._jpeg, setup.py) compiles against libjpeg-turbo's
+# headers: Debian's libjpeg62-turbo-dev (Ubuntu's libjpeg-turbo8-dev), which libjpeg-dev pulls in.
+# Without them the install still succeeds and the engine decodes with Pillow (it says so).
+jpeg_h() { echo '#include <stdio.h>
+#include <jpeglib.h>' | cc -E -x c - >/dev/null 2>&1; }
+if ! jpeg_h; then
+  if can_apt; then
+    apt_install libjpeg-dev build-essential || true
+  fi
+  jpeg_h || echo "setup: no libjpeg headers: the native engine will decode with Pillow" >&2
+fi
 extras=test,dali
 if pkg-config --exists opencv4 libturbojpeg 2>/dev/null && command -v cc >/dev/null; then
   extras=$extras,ffcv
@@ -33,9 +44,13 @@ else
 fi
 stamp=.venv/.tricks-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] \
+    || [ setup.py -nt "$stamp" ] || [ pipeline/_jpeg.c -nt "$stamp" ] \
+    || { jpeg_h && ! ls pipeline/_jpeg*.so >/dev/null 2>&1; } \
     || [ "$(cat "$stamp")" != "$extras" ]; then
   echo "setup: installing the project [$extras] into .venv (first time: a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
   echo "$extras" > "$stamp"
 fi
+.venv/bin/python -c 'import tricks.pipeline._jpeg' 2>/dev/null \
+  || echo "setup: tricks.pipeline._jpeg not built: the native engine decodes with Pillow" >&2

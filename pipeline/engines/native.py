@@ -1,8 +1,15 @@
 """The native engine: records → uint8 channels-last crops, two ways.
 
-- ``decode="workers"``: CPU worker processes (torch's DataLoader) each make a whole batch with
-  Pillow: JPEG DCT-domain downscaling (``draft``) when the crop is much larger than the output,
-  then one antialiased crop-and-resize per image. The cheap way on a CPU, and the fallback.
+- ``decode="workers"`` (every CPU run; GPU hosts that ask for it): C threads of
+  ``tricks.pipeline._jpeg`` (libjpeg-turbo, the GIL released) write each batch straight into one
+  preallocated uint8 N×S×S×3 tensor (pinned when the target is CUDA). Per image only the crop's
+  rows and columns are decoded (``jpeg_skip_scanlines``/``jpeg_crop_scanline``), DCT-scaled
+  by 1/2, 1/4 or 1/8 when the crop is at least twice the output side, then box-filtered (shrink)
+  or bilinearly resampled (enlarge) and flipped in the same pass. A background thread makes
+  batch i+1 while the consumer uses batch i. An image libjpeg cannot decode (CMYK, corrupt
+  data) is redone with Pillow and counted (``fallbacks``). Where the extension was not built (no
+  libjpeg headers at install time), worker processes (torch's DataLoader) make whole batches
+  with Pillow instead: said once, and counted.
 - ``decode="device"``: the main process hands the batch's JPEG bytes to
   ``torchvision.io.decode_jpeg(list, device=...)`` (batched nvJPEG on CUDA), then crops, resizes
   and flips the whole batch on the device with one ``roi_align`` over an edge-padded canvas; a
@@ -11,9 +18,9 @@
 from __future__ import annotations
 
 import io
-import math
 import queue
 import threading
+import warnings
 from contextlib import nullcontext
 from typing import Iterable, Iterator
 
@@ -29,24 +36,51 @@ from ..records import RecordFile
 from ..sampling import BatchTask
 from .base import register_engine
 
+try:  # the C extension: built by `pip install` where libjpeg-turbo's headers exist
+    from .. import _jpeg
+except ImportError:
+    _jpeg = None
+
+CPU_DECODERS = ("auto", "libjpeg-turbo", "pillow")
+
+
+def dct_denominator(box: np.ndarray, size: int) -> int:
+    """The JPEG DCT-domain reduction (1, 2, 4 or 8) for a crop: the largest that still leaves
+    the crop's shorter side at least ``size`` pixels. Same rule in C (``_jpeg.c``)."""
+    shrink = min(box[2] - box[0], box[3] - box[1]) / size
+    return 8 if shrink >= 8 else 4 if shrink >= 4 else 2 if shrink >= 2 else 1
+
 
 def pil_crop(jpeg: bytes | np.ndarray, box: np.ndarray, flip: bool, size: int) -> np.ndarray:
-    """Decode one JPEG, crop ``box`` (x0, y0, x1, y1 in source pixels), resize to size×size,
-    flip; HWC uint8."""
+    """Decode one JPEG with Pillow, crop ``box`` (x0, y0, x1, y1 in source pixels), resize to
+    size×size (per axis: ``BOX`` where it shrinks, ``BILINEAR`` where it enlarges), flip;
+    HWC uint8 RGB. Raises what Pillow raises for a file it cannot read.
+
+    A large crop is decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``). Pillow then reports the
+    rounded-up size ceil(W/d); the box is divided by the exact factor d, never scaled by the
+    rounded size ratio (that shifted crops by up to half a source pixel)."""
     img = Image.open(io.BytesIO(jpeg))
     w0, h0 = img.size
-    shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
-    if shrink >= 2:  # decode at 1/2, 1/4 or 1/8 scale: the crop still covers ≥ size pixels
-        img.draft("RGB", (math.ceil(w0 / shrink), math.ceil(h0 / shrink)))
-    sx, sy = img.size[0] / w0, img.size[1] / h0
+    d = dct_denominator(box, size)
+    if d > 1 and img.format == "JPEG":
+        drafted = img.draft("RGB", (max(1, w0 // d), max(1, h0 // d)))
+        d = w0 / drafted[1][2] if drafted else 1  # the factor Pillow chose: box = (0, 0, W/d, H/d)
+    else:
+        d = 1
     if img.mode != "RGB":
         img = img.convert("RGB")
-    # area averaging when shrinking (as roi_align's adaptive sampling, and OpenCV's INTER_AREA),
-    # bilinear when enlarging
-    # clamped: after a draft, box · scale can overshoot the new size by a rounding error
-    bx = (box[0] * sx, box[1] * sy, min(box[2] * sx, img.size[0]), min(box[3] * sy, img.size[1]))
-    filt = Image.Resampling.BOX if bx[2] - bx[0] >= size else Image.Resampling.BILINEAR
-    out = img.resize((size, size), filt, box=bx)
+    # clamped: the last block of a reduced decode can be partial
+    x0, y0 = box[0] / d, box[1] / d
+    x1, y1 = min(box[2] / d, img.size[0]), min(box[3] / d, img.size[1])
+    # each axis its own filter (as the C path): an area average where it shrinks, bilinear
+    # where it enlarges
+    fx, fy = (Image.Resampling.BOX if n >= size else Image.Resampling.BILINEAR
+              for n in (x1 - x0, y1 - y0))
+    if fx == fy:
+        out = img.resize((size, size), fx, box=(x0, y0, x1, y1))
+    else:  # Pillow resamples separably too (horizontal, then vertical): same result
+        out = img.resize((size, img.size[1]), fx, box=(x0, 0, x1, img.size[1]))
+        out = out.resize((size, size), fy, box=(0, y0, size, y1))
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out)
@@ -158,13 +192,37 @@ def _crop_group(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Te
 _END = object()
 
 
+_said_pillow = False
+
+
+def _say_pillow_once() -> None:
+    global _said_pillow
+    if not _said_pillow:
+        _said_pillow = True
+        warnings.warn("tricks.pipeline._jpeg is not built (libjpeg-turbo's headers were missing "
+                      "at install): the native engine decodes on the CPU with Pillow, ~2x slower; "
+                      "install libjpeg62-turbo-dev (or libjpeg-dev) and reinstall", RuntimeWarning,
+                      stacklevel=3)
+
+
 @register_engine("native")
 class NativeEngine:
+    """Options (``engine_options``): ``cpu_decoder`` (``auto``: libjpeg-turbo through the C
+    extension where built, else Pillow; or ``libjpeg-turbo``/``pillow`` by name) and
+    ``fast_dct`` (libjpeg's fast integer IDCT and plain chroma upsampling: faster, a few levels
+    less exact; training crops only). ``fallbacks`` counts the images decoded by Pillow."""
+
     def __init__(self, records: RecordFile, device: torch.device | str = "cpu",
                  decode: str = "auto", workers: int = 2, prefetch: int = 2, plan=None,
-                 **options):
+                 cpu_decoder: str = "auto", fast_dct: bool = False, **options):
         if options:
             raise OptionError(f"the native engine has no option(s) {', '.join(options)}")
+        if cpu_decoder not in CPU_DECODERS:
+            raise OptionError(f"cpu_decoder must be one of {', '.join(CPU_DECODERS)}, "
+                              f"got {cpu_decoder!r}")
+        if cpu_decoder == "libjpeg-turbo" and _jpeg is None:
+            raise OptionError("cpu_decoder=libjpeg-turbo: tricks.pipeline._jpeg is not built "
+                              "(install libjpeg62-turbo-dev and reinstall tricks)")
         self.records = records
         self.device = torch.device(device)
         if decode == "auto":
@@ -173,10 +231,21 @@ class NativeEngine:
             raise ValueError(f"unknown decode mode {decode!r}; choose auto, workers or device")
         self.decode = decode
         self.prefetch = max(1, prefetch)
+        self.workers = workers
+        self.fast_dct = bool(fast_dct)
+        self.fallbacks = 0  # images decoded by Pillow on the CPU path
+        self.fallback_reasons: list[str] = []  # the first few, for a report
         self._labels = torch.from_numpy(records.labels)
         self._sampler = _TaskSampler()
         self._loader = None
+        self.cpu_decoder = None
         if decode == "workers":
+            if cpu_decoder == "auto":
+                cpu_decoder = "pillow" if _jpeg is None else "libjpeg-turbo"
+                if _jpeg is None:
+                    _say_pillow_once()
+            self.cpu_decoder = cpu_decoder
+        if self.cpu_decoder == "pillow":
             cuda = self.device.type == "cuda"
             self._loader = DataLoader(
                 _BatchDataset(records), batch_size=None, sampler=self._sampler,
@@ -184,13 +253,83 @@ class NativeEngine:
                 prefetch_factor=self.prefetch if workers > 0 else None)
 
     def batches(self, tasks: Iterable[BatchTask]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.decode == "workers":
+        if self.cpu_decoder == "pillow":
             self._sampler.tasks = list(tasks)
             for images, labels in self._loader:
+                self.fallbacks += len(images)
+                yield (images.to(self.device, non_blocking=True).permute(0, 3, 1, 2),
+                       labels.to(self.device, non_blocking=True))
+        elif self.cpu_decoder == "libjpeg-turbo":
+            made = map(self._turbo_batch, tasks)
+            for images, labels in (self._prefetched(made) if self.workers > 0 else made):
                 yield (images.to(self.device, non_blocking=True).permute(0, 3, 1, 2),
                        labels.to(self.device, non_blocking=True))
         else:
             yield from self._threaded(tasks)
+
+    def _turbo_batch(self, task: BatchTask) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch, HWC uint8 on the host (pinned for a CUDA target), and its labels."""
+        n, size = len(task.indices), task.size
+        images = torch.empty((n, size, size, 3), dtype=torch.uint8,
+                             pin_memory=self.device.type == "cuda")
+        out = images.numpy()
+        jpegs = [self.records.raw(int(i)) for i in task.indices]
+        boxes = np.ascontiguousarray(task.boxes, dtype=np.float32)
+        flips = np.ascontiguousarray(task.flips, dtype=np.uint8)
+        failed = _jpeg.decode_crops(jpegs, boxes, flips, out, threads=max(1, self.workers),
+                                    fast=self.fast_dct)
+        for k, reason in failed:  # what libjpeg refuses, Pillow may read (or it is an error)
+            i = int(task.indices[k])
+            try:
+                out[k] = pil_crop(jpegs[k], boxes[k], bool(flips[k]), size)
+            except Exception as e:
+                raise DataError(f"{self.records.path}: record {i} cannot be decoded "
+                                f"({reason}; Pillow: {type(e).__name__}: {e})") from None
+            self.fallbacks += 1
+            if len(self.fallback_reasons) < 10:
+                self.fallback_reasons.append(f"record {i}: {reason}")
+        labels = self._labels[torch.from_numpy(task.indices)]
+        if self.device.type == "cuda":
+            labels = labels.pin_memory()
+        return images, labels
+
+    def _prefetched(self, made: Iterator) -> Iterator:
+        """Run the iterator ``made`` in a background thread, ``prefetch`` items ahead (the
+        decode releases the GIL, so it overlaps the consumer's work)."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def produce():
+            try:
+                for item in made:
+                    if not put(item):
+                        return
+                put(_END)
+            except BaseException as e:  # handed to the consumer, raised there
+                put(e)
+
+        thread = threading.Thread(target=produce, daemon=True, name="tricks-cpu-decode")
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=5)
 
     def _device_batch(self, task: BatchTask) -> tuple[torch.Tensor, torch.Tensor]:
         datas = [torch.from_numpy(np.array(self.records.raw(int(i)))) for i in task.indices]
