@@ -168,15 +168,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{k}/{len(todo)}] line {m['line']}: {m['old']!r} → {m['new']!r}: "
                   f"{m['outcome']}" + (f"   | {m['code']}" if m["outcome"] == "survived"
                                        else ""), flush=True)
+            if out:  # after each mutant: a stopped run keeps what it found
+                out.write_text(json.dumps({"module": args.module, "tests": tests,
+                                           "mutants_total": total, "sample": args.sample,
+                                           "seed": args.seed, "tested": todo[:k]}, indent=1))
         target.write_text(source)
     survived = [m for m in todo if m["outcome"] == "survived"]
     print(f"{args.module}: {len(todo) - len(survived)}/{len(todo)} killed, "
           f"{len(survived)} survived")
-    if out:
-        out.write_text(json.dumps({"module": args.module, "tests": tests,
-                                              "mutants_total": total, "tested": todo,
-                                              "sample": args.sample, "seed": args.seed},
-                                             indent=1))
     return 0
 
 
