@@ -92,3 +92,14 @@ def test_label_smoothing_too_large_for_k_is_a_one_line_config_error(k, eps):
         SoftTargetCrossEntropy(k, eps)
     assert "\n" not in str(e.value)
     SoftTargetCrossEntropy(k, (k - 1) / k)  # the limit itself is the uniform target: allowed
+
+
+def test_no_smoothing_is_plain_cross_entropy_and_the_default():
+    # ε = 0 (and the default) must leave one-hot targets alone: −log p of the true class
+    torch.manual_seed(2)
+    logits, labels = torch.randn(8, 7), torch.randint(0, 7, (8,))
+    plain = -F.log_softmax(logits, 1)[torch.arange(8), labels].mean()
+    assert torch.equal(smooth(labels, 0.0, 7), F.one_hot(labels, 7).float())
+    for loss in (SoftTargetCrossEntropy(7), SoftTargetCrossEntropy(7, 0.0)):
+        assert torch.allclose(loss(logits, labels), plain, atol=1e-6)
+        assert torch.allclose(loss(logits, F.one_hot(labels, 7).float()), plain, atol=1e-6)

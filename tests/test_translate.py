@@ -110,3 +110,30 @@ def test_pad_crop_config_errors(override, message):
     with pytest.raises(ConfigError) as e:
         load_config([], override)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("engine,options", [("native", {}), ("dali", {"source": "records"}),
+                                            ("dali", {"source": "files"})])
+def test_pad_crop_works_with_every_engine(coloured, engine, options):
+    # constant-colour images: after pad-and-crop, exactly the shifted-in border is the fill
+    if engine == "dali":
+        pytest.importorskip("nvidia.dali")
+    root, _ = coloured
+    loader = Loader(root, "train", 8, image_size=24, engine=engine, workers=2 if engine ==
+                    "dali" else 0, seed=4, crop="pad", pad=5, pad_fill=0,
+                    engine_options=options or None)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    loader.set_epoch(0)
+    for b, (images, _) in enumerate(loader):
+        u8 = ((images * std + mean) * 255).round()
+        shifts = loader.plan.shifts(0, b, 5)
+        for k in range(len(images)):
+            dx, dy = shifts[k].tolist()
+            inside = torch.zeros(24, 24, dtype=torch.bool)
+            inside[max(0, -dy):24 - max(0, dy), max(0, -dx):24 - max(0, dx)] = True
+            black = (u8[k] == 0).all(0)
+            assert torch.equal(black, ~inside), (b, k, dx, dy)
+        if b == 1:
+            break
+    loader.close()
