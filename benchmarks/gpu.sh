@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# The prepared GPU run (Table 3 on one H100/H200, under 7 minutes): the CUDA tests; the
-# training throughput of the five Table 3 models, baseline against efficient, with synthetic
-# input; ResNet-50-D fed from generated ImageNet-sized JPEGs by the native engine (and DALI
-# when its package is there); then, each only while time allows, ResNet-50 with torch.compile
-# and CUDA graphs, the loader benchmark and the augment benchmark. $OUT (default ./gpu-out)
-# gets gpu-results.tar.gz (every JSON, table, chart and log) and the Table 3 tables: few files,
-# as the device tool returns at most 8. Runs from the source tree:
-#     OUT=/tmp/out bash benchmarks/gpu.sh
-# QUICK=1 shrinks everything for a rehearsal on a CPU.
-set -euo pipefail
+# The prepared GPU run, in parts sized to the device lease (15 min of device time a session,
+# at most 10 min a command): each part is meant to finish in ≤ 6 min on one H100/H200 (the
+# estimates below; the per-stage timings in $OUT/part-<p>-stages.tsv correct them after the
+# first real run). One device call per part, most valuable first:
+#
+#   a  Table 3 for ResNet-50 and ResNet-50-D: synthetic input (baseline, efficient, efficient
+#      + trick stack), and fed from generated ImageNet-sized JPEGs by the native engine and
+#      DALI (efficient, efficient + trick stack)                               (≈ 5 min)
+#   b  the rest of Table 3 (Inception-V3, MobileNet, ResNet-18), ResNet-50 with torch.compile
+#      and with CUDA graphs                                                    (≈ 5 min)
+#   c  the CUDA tests (pytest -m gpu), the loader benchmark (every engine, the native
+#      engine's CPU decode with 16 workers too) and the augment benchmark      (≈ 5 min)
+#
+#     OUT=/tmp/out bash benchmarks/gpu.sh a        (QUICK=1: a small rehearsal on a CPU)
+#
+# Results go to $OUT as each stage ends (a kill keeps what was done): part-<p>.tar.gz (every
+# JSON, table, chart and log so far, replaced atomically after each stage), part-<p>.log,
+# part-<p>-stages.tsv (seconds per stage) and the Markdown tables: at most 8 files, as the
+# device tool returns. Runs from the source tree (scripts/srcpath.sh). DALI runs only where
+# `import nvidia.dali` works (see ../shared/device/README.md for carrying it).
+set -uo pipefail
+part=${1:-}
+case "$part" in a|b|c) ;; *) echo "usage: benchmarks/gpu.sh a|b|c" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 . scripts/srcpath.sh
 export PYTHONUNBUFFERED=1
@@ -16,37 +29,58 @@ export TRICKS_CACHE=${TRICKS_CACHE:-/tmp/tricks-cache}
 OUT=${OUT:-gpu-out}
 py=${PYTHON:-python3}
 if [ "${QUICK:-0}" = 1 ]; then
-  models=resnet18 compile_models=resnet18 images=256 workers=2 size=(--size 64) timing=(--warmup 1 --windows 2 --steps 2)
-  batches=(--baseline-batch 8 --efficient-batch 16) loader_batch=32 augment=(--batch 4 --size 64)
+  # the same stages with small models and inputs (the ResNet-50s run at < 1 image/s here)
+  images=256 workers=2 many_workers=2 size=(--size 32) timing=(--warmup 1 --windows 2 --steps 2)
+  batches=(--baseline-batch 4 --efficient-batch 8) main=resnet18,resnet18d rest=resnet18
+  compile_model=resnet18
+  loader=(--images 128 --batch 32 --runs 1) augment=(--batch 4 --size 64 --runs 2)
+  tests=(tests/test_no_sync.py)
 else
-  models=resnet50,resnet50d,inception_v3,mobilenet_v1,resnet18 images=16384 workers=14 size=()
-  timing=(--warmup 10 --windows 5 --steps 8) batches=() loader_batch=256 augment=()
+  images=8192 workers=14 many_workers=16 size=() timing=(--warmup 8 --windows 5 --steps 6)
+  batches=() main=resnet50,resnet50d rest=inception_v3,mobilenet_v1,resnet18
+  compile_model=resnet50
+  loader=(--images 8192 --batch 256 --runs 3) augment=() tests=(tests)
 fi
 mkdir -p "$OUT"
-R=$(mktemp -d)/gpu-results
+R=$(mktemp -d)/part-$part
 mkdir -p "$R"
-trap 'tar -czf "$OUT/gpu-results.tar.gz" -C "$(dirname "$R")" gpu-results' EXIT
+log="$OUT/part-$part.log"
+stages="$OUT/part-$part-stages.tsv"
+: > "$log"
+printf 'stage\tseconds\tstatus\n' > "$stages"
 start=$SECONDS
-stamp() { echo "[$((SECONDS - start)) s] $*"; }
+say() { echo "[$((SECONDS - start)) s] $*" | tee -a "$log"; }
+save() {  # everything so far, replaced atomically: a kill leaves the last complete archive
+  tar -czf "$OUT/.part-$part.tar.gz" -C "$(dirname "$R")" "part-$part" &&
+    mv "$OUT/.part-$part.tar.gz" "$OUT/part-$part.tar.gz"
+}
+stage() {  # stage NAME command…: run, log, time; a failure is logged and the part goes on
+  local name=$1 t0=$SECONDS status=ok
+  shift
+  say "start $name"
+  "$@" > "$R/$name.log" 2>&1 || status="failed ($?)"
+  tail -n 25 "$R/$name.log" >> "$log"
+  printf '%s\t%s\t%s\n' "$name" "$((SECONDS - t0))" "$status" >> "$stages"
+  say "end $name: $status, $((SECONDS - t0)) s"
+  save
+}
+table() { [ -f "$R/$1/train.md" ] && cp "$R/$1/train.md" "$OUT/$2" || true; }
 
-stamp "device"
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/nvidia-smi.csv"
+say "part $part on $(hostname)"
+{ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv; $py -c 'import sys, torch, torchvision; print("python", sys.version.split()[0],
+"torch", torch.__version__, "torchvision", torchvision.__version__,
+"cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))'; } 2>&1 | tee -a "$log"
+
+engines=native
+if $py -c 'import nvidia.dali' >/dev/null 2>&1; then
+  engines=native,dali
+else
+  say "no DALI here (import nvidia.dali failed): native engine only"
 fi
-$py -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
 
-stamp "CUDA tests (pytest -m gpu)"
-if ! $py -m pytest -q -rs -m gpu -p no:cacheprovider tests > "$R/cuda-tests.log" 2>&1; then
-  stamp "CUDA tests failed (see cuda-tests.log); the benchmarks go on"
-fi
-tail -n 3 "$R/cuda-tests.log"
-
-stamp "Table 3, synthetic input"
-$py -m tricks.benchmarks.throughput --models "$models" "${size[@]}" "${batches[@]}" "${timing[@]}" \
-    --out "$R/train-synthetic" 2>&1 | tee "$R/train-synthetic.log"
-
-stamp "generated JPEGs"
-$py - "$images" "$workers" <<'PY'
+jpegs() {  # generated ImageNet-sized JPEGs, converted; kept in $TRICKS_CACHE between parts
+  $py - "$images" "$workers" <<'PY'
 import sys
 from tricks.benchmarks.loader import make_jpegs
 from tricks.pipeline.convert import convert
@@ -56,43 +90,42 @@ tree = make_jpegs(cache_dir() / "bench" / f"jpegs-{n}", n, workers=workers)
 out = cache_dir() / "bench" / f"records-jpegs-{n}"
 if not (out / "classes.json").is_file():
     convert(tree, out, workers=workers, progress=False)
+print(tree, out)
 PY
-records="$TRICKS_CACHE/bench/records-jpegs-$images"
-engines=native
-if $py -c 'from pipeline.engines.base import engine_class; engine_class("dali")' 2>/dev/null; then
-  engines=native,dali
-fi
-
-stamp "ResNet-50-D from JPEGs ($engines)"
-$py -m tricks.benchmarks.throughput --models resnet50d --data "$records" --engines "$engines" \
-    --workers "$workers" "${size[@]}" "${batches[@]}" "${timing[@]}" --out "$R/train-data" \
-    2>&1 | tee "$R/train-data.log"
-
-cp "$R/train-synthetic/train.md" "$OUT/table3-synthetic.md"
-cp "$R/train-data/train.md" "$OUT/table3-data.md"
-
-# The rest is optional, each part only while the run is well inside its 7 minutes
-within() {  # within SECONDS PART: true if less than SECONDS have been used so far
-  if [ $((SECONDS - start)) -lt "$1" ]; then return 0; fi
-  stamp "skipped $2: $((SECONDS - start)) s used"; return 1
 }
-if within "${COMPILE_BEFORE_S:-200}" "torch.compile and CUDA graphs"; then
-  stamp "ResNet-50 with torch.compile and CUDA graphs"
-  if $py -m tricks.benchmarks.throughput --models "${compile_models:-resnet50}" --compile --cuda-graphs \
-      "${size[@]}" "${batches[@]}" "${timing[@]}" --out "$R/train-compile" \
-      > "$R/train-compile.log" 2>&1; then
-    cp "$R/train-compile/train.md" "$OUT/table3-compile.md"
-  else
-    stamp "compile run failed (see train-compile.log)"
-  fi
-fi
-if within "${LOADER_BEFORE_S:-330}" "the loader benchmark"; then
-  stamp "loader"
-  $py -m tricks.benchmarks.loader --images "$images" --batch "$loader_batch" --workers "$workers" \
-      --runs 3 --out "$R/loader" 2>&1 | tee "$R/loader.log"
-fi
-if within "${AUGMENT_BEFORE_S:-390}" "the augment benchmark"; then
-  stamp "augment"
-  $py -m tricks.benchmarks.augment "${augment[@]}" --out "$R/augment" 2>&1 | tee "$R/augment.log"
-fi
-stamp "done"
+records="$TRICKS_CACHE/bench/records-jpegs-$images"
+bench() { $py -m tricks.benchmarks.throughput "${size[@]}" "${batches[@]}" "${timing[@]}" "$@"; }
+
+case "$part" in
+a)
+  # 6 configurations of ~15 s (batch 1024 FP16, 38 steps + cuDNN autotuning); JPEGs ~60 s;
+  # 4 (native) + 4 (DALI) data-fed configurations of ~20 s
+  stage synthetic bench --models "$main" --modes baseline,efficient,efficient-stack \
+    --out "$R/synthetic"
+  table synthetic table3-a-synthetic.md
+  stage jpegs jpegs
+  stage data bench --models "$main" --modes efficient,efficient-stack \
+    --data "$records" --engines "$engines" --workers "$workers" --out "$R/data"
+  table data table3-a-data.md
+  ;;
+b)
+  # 6 configurations of ~12 s; two torch.compile runs of ~60-100 s each (compilation)
+  stage rest bench --models "$rest" --modes baseline,efficient --out "$R/rest"
+  table rest table3-b-rest.md
+  stage compile bench --models "$compile_model" --modes efficient,efficient-compile,efficient-graphs \
+    --out "$R/compile"
+  table compile table3-b-compile.md
+  ;;
+c)
+  # tests ~90 s; JPEGs ~60 s unless part a left them; loader 3 runs × engines ~90 s; the native
+  # CPU decode with 16 workers ~40 s; augment ~30 s
+  stage cuda-tests $py -m pytest -q -rs -m gpu -p no:cacheprovider "${tests[@]}"
+  stage jpegs jpegs
+  stage loader $py -m tricks.benchmarks.loader "${loader[@]}" --workers "$workers" \
+    --out "$R/loader"
+  stage loader-cpu-decode $py -m tricks.benchmarks.loader "${loader[@]}" --engines native \
+    --decode workers --workers "$many_workers" --out "$R/loader-cpu-decode"
+  stage augment $py -m tricks.benchmarks.augment "${augment[@]}" --out "$R/augment"
+  ;;
+esac
+say "part $part done in $((SECONDS - start)) s"

@@ -39,12 +39,16 @@ def summarize(entries: list[dict]) -> dict:
             "baseline_peak_mb": base[1]["peak_memory_mb"] if base else None,
             "efficient_peak_mb": eff[1]["peak_memory_mb"] if eff else None,
             "extra": extra})
+    # fed from data, against synthetic input in the same mode; the trick stack (any input)
+    # also against the plain efficient mode on synthetic input (the issue's 90% target)
     loader = [{"model": m, "mode": mode, "input": i, "rate": v[0],
-               "synthetic": med[(m, mode, "synthetic")][0],
-               "fraction": v[0] / med[(m, mode, "synthetic")][0],
-               "data_wait": v[1].get("data_wait")}
+               "synthetic": med[(m, ref, "synthetic")][0],
+               "fraction": v[0] / med[(m, ref, "synthetic")][0],
+               "reference": f"{ref} synthetic", "data_wait": v[1].get("data_wait")}
               for (m, mode, i), v in med.items()
-              if i != "synthetic" and (m, mode, "synthetic") in med]
+              for ref in dict.fromkeys([mode] + (["efficient"] if mode == "efficient-stack"
+                                                 else []))
+              if (m, ref, "synthetic") in med and (i, ref) != ("synthetic", mode)]
     return {"rows": rows, "loader": loader}
 
 
@@ -78,12 +82,13 @@ def write_markdown(json_path: Path, summary: dict, title: str = "", notes: str =
             f"{_fmt(r['efficient_epoch_min'], '.1f')} | {_gib(r['baseline_peak_mb'])} / "
             f"{_gib(r['efficient_peak_mb'])} | {extra} |")
     if summary["loader"]:
-        lines += ["", "| Model | Mode | Engine | img/s | synthetic img/s | engine / synthetic "
-                  "| time waiting for data |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| Model | Mode | Input | img/s | against | its img/s | fraction "
+                  "| time waiting for data |", "|---|---|---|---|---|---|---|---|"]
         for r in summary["loader"]:
             wait = "—" if r["data_wait"] is None else f"{100 * r['data_wait']:.0f}%"
             lines.append(f"| {r['model']} | {r['mode']} | {r['input']} | {_rate(r['rate'])} | "
-                         f"{_rate(r['synthetic'])} | {100 * r['fraction']:.0f}% | {wait} |")
+                         f"{r['reference']} | {_rate(r['synthetic'])} | "
+                         f"{100 * r['fraction']:.0f}% | {wait} |")
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
     return path

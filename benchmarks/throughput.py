@@ -8,6 +8,10 @@ windows of steps between device synchronizations; images/s per window are kept, 
 reported. Results: JSON (raw windows), a Markdown table and a PNG bar chart under
 ``benchmarks/results/<device>/``.
 
+``--stack`` adds the mode ``efficient-stack``: efficient with the trick stack of the efficient
+recipe's augment and mix stages on the device (colour jitter, PCA lighting, random erasing,
+mixup), for every input (synthetic uint8 batches go through the same stages).
+
 Both modes let cuDNN pick its algorithms (``cudnn.benchmark``), as the trainer does; the
 efficient mode also steps a fused SGD (with a gradient scaler, the fused step reads the
 inf/NaN flag on the device: no host sync per step).
@@ -27,6 +31,11 @@ import torch
 
 from tricks.models import create_model, default_input_size
 from tricks.pipeline import Loader
+from tricks.pipeline.augment import ColorJitter, Lighting, RandomErasing
+from tricks.pipeline.mix import Mixup
+from tricks.pipeline.records import read_classes
+from tricks.pipeline.sampling import keyed_generator
+from tricks.pipeline.stages import Stages
 from tricks.train.loss import SoftTargetCrossEntropy
 from tricks.train.optim import build_optimizer
 from tricks.train.schedule import lr_at, scaled_lr
@@ -41,6 +50,11 @@ DEFAULT_MODELS = "resnet50,resnet50d,inception_v3,mobilenet_v1,resnet18"
 COMPILE_MODES = {"efficient-compile": "default", "efficient-graphs": "reduce-overhead"}
 
 
+def trick_stack() -> tuple[list, Mixup]:
+    """The augment ops and the mix op of ``efficient-stack``."""
+    return [ColorJitter(), Lighting(), RandomErasing()], Mixup(0.2)
+
+
 def _precision(name: str, device: torch.device) -> str:
     # FP16 autocast needs CUDA; the efficient mode falls back to BF16 on the CPU (stated)
     return "bf16" if name == "fp16" and device.type != "cuda" else name
@@ -50,19 +64,26 @@ class Feed:
     """Endless (images, labels): one synthetic batch on the device, or a real engine's batches
     epoch after epoch; ``wait_time`` is the time spent blocked on the engine."""
 
-    def __init__(self, args, device, dtype, channels_last, batch, size):
-        self.loader = None
+    def __init__(self, args, device, dtype, channels_last, batch, size, stack=False):
+        self.loader, self.stages, self.n = None, None, 0
+        augment, mix = trick_stack() if stack else ([], None)
         if args.input == "synthetic":
             g = torch.Generator(device).manual_seed(0)
-            x = torch.randn(batch, 3, size, size, device=device, generator=g).to(dtype)
+            labels = torch.randint(0, 1000, (batch,), device=device, generator=g)
+            if stack:  # uint8 engine output, through the stages every step
+                x = torch.randint(0, 256, (batch, 3, size, size), device=device, generator=g,
+                                  dtype=torch.uint8)
+                self.stages = Stages(dtype, 1000, augment, mix, channels_last=channels_last)
+            else:
+                x = torch.randn(batch, 3, size, size, device=device, generator=g).to(dtype)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            self.batch = x, torch.randint(0, 1000, (batch,), device=device, generator=g)
+            self.batch = x, labels
         else:
             self.loader = Loader(args.data, "train", batch, image_size=size, device=device,
                                  dtype=dtype, channels_last=channels_last, engine=args.input,
                                  decode=args.decode if args.input == "native" else "auto",
-                                 workers=args.workers)
+                                 workers=args.workers, augment=augment, mix=mix)
             self.epoch, self.it = 0, iter(self.loader)
 
     @property
@@ -71,6 +92,9 @@ class Feed:
 
     def __next__(self):
         if self.loader is None:
+            if self.stages is not None:
+                self.n += 1
+                return self.stages(*self.batch, keyed_generator(0, self.n, "bench"))
             return self.batch
         try:
             return next(self.it)
@@ -92,7 +116,8 @@ def run_config(args, model_name: str, mode: str, batch: int, device: torch.devic
     compile_mode = COMPILE_MODES.get(mode)
     size = args.size or default_input_size(model_name)
     dtype = DTYPES[precision]
-    classes = 1000
+    # mixed targets are N × the dataset's classes: the model's head matches them
+    classes = 1000 if args.input == "synthetic" else len(read_classes(Path(args.data)))
     model = create_model(model_name, num_classes=classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -105,7 +130,7 @@ def run_config(args, model_name: str, mode: str, batch: int, device: torch.devic
     autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
     criterion = SoftTargetCrossEntropy(classes)
     warmup_steps = 5 * 100 if mode != "baseline" else 0  # a warmup, as the recipe has
-    data = Feed(args, device, dtype, channels_last, batch, size)
+    data = Feed(args, device, dtype, channels_last, batch, size, stack=mode == "efficient-stack")
     step = 0
 
     def one():
@@ -138,6 +163,8 @@ def run_config(args, model_name: str, mode: str, batch: int, device: torch.devic
     settings = {"model": model_name, "mode": mode, "input": args.input, "batch": batch,
                 "precision": precision, "channels_last": channels_last,
                 "compile": compile_mode, "fused_sgd": fused, "image_size": size,
+                "trick_stack": "jitter, lighting, erasing, mixup" if mode == "efficient-stack"
+                else None,
                 "peak_memory_mb": peak_mb, "cudnn_benchmark": torch.backends.cudnn.benchmark,
                 "data_wait": waited / timed if args.input != "synthetic" else None,
                 "decode": data.loader.engine.decode if args.input == "native" else None,
@@ -172,6 +199,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also efficient + torch.compile(mode='reduce-overhead'): CUDA graphs")
     p.add_argument("--bf16", action="store_true", help="also efficient with BF16")
+    p.add_argument("--stack", action="store_true",
+                   help="also efficient with jitter, lighting, erasing and mixup on")
+    p.add_argument("--modes", default=None,
+                   help="exactly these modes, comma-separated (baseline, efficient, "
+                        "efficient-stack, efficient-compile, efficient-graphs, efficient-bf16)")
     p.add_argument("--strict-fp32", action="store_true",
                    help="no TF32 in the baseline's convolutions and matmuls")
     p.add_argument("--data", help="a converted dataset: also time the real loader(s)")
@@ -204,9 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (10 if cuda else 2)
     batches = {"baseline": args.baseline_batch or (256 if cuda else 8),
                "efficient": args.efficient_batch or (1024 if cuda else 16)}
-    modes = ["baseline", "efficient"] + (["efficient-compile"] if args.compile else []) + \
+    modes = ["baseline", "efficient"] + (["efficient-stack"] if args.stack else []) + \
+        (["efficient-compile"] if args.compile else []) + \
         (["efficient-graphs"] if args.cuda_graphs else []) + \
         (["efficient-bf16"] if args.bf16 else [])
+    if args.modes:
+        modes = [m.strip() for m in args.modes.split(",")]
+        known = ("baseline", "efficient", "efficient-stack", *COMPILE_MODES, "efficient-bf16")
+        bad = [m for m in modes if m not in known]
+        if bad:
+            print(f"error: --modes: unknown {', '.join(bad)}; known: {', '.join(known)}",
+                  file=sys.stderr)
+            return 1
     inputs = ["synthetic"] + ([e.strip() for e in args.engines.split(",")] if args.data else [])
     if args.data and not Path(args.data).is_dir():
         print(f"error: no such dataset folder: {args.data}", file=sys.stderr)

@@ -90,11 +90,12 @@ def test_every_op_in_one_stage_stack_does_not_sync():
     assert s.copies <= len(AUGMENT_OPS) + 1
 
 
-@pytest.mark.parametrize("mix", sorted(MIX_OPS))
+@pytest.mark.parametrize("mix", ["none", *sorted(MIX_OPS)])
 def test_full_step_does_not_sync(mix):
-    """loader output → stages (every augment op and ``mix``) → train_step (SGD-Nesterov,
-    soft-target loss, two micro-batches) → EMA, the second step counted."""
-    stages = Stages(torch.float32, K, _all_augments(), MIX_OPS[mix]())
+    """loader output → stages (every augment op and ``mix``; "none": integer labels, the loss's
+    fast path) → train_step (SGD-Nesterov, label smoothing, two micro-batches) → EMA, the
+    second step counted."""
+    stages = Stages(torch.float32, K, _all_augments(), MIX_OPS[mix]() if mix != "none" else None)
     model = create_model("resnet18", num_classes=K, cifar_stem=True, width=8)
     model = model.to(META).to(memory_format=torch.channels_last)
     ema = ExponentialMovingAverage(model, 0.99)
