@@ -35,6 +35,9 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".
                     ".ppm", ".pgm", ".pbm"}
 SPLIT_NAMES = ("train", "val", "validation", "test")
 TRAIN_SPLIT = "train"
+# what convert stores changed (2: upright per EXIF, modes by value range, large-image policy):
+# conversions cached by an older tricks are made again
+CONVERT_VERSION = 2
 BOMB_FACTOR = 4       # over this many times Pillow's MAX_IMAGE_PIXELS: skipped, not decoded
 ORIENTATION_TAG = 0x0112  # EXIF/TIFF "Orientation"; 1 is upright
 
@@ -369,8 +372,8 @@ def _check_trained(classes: list[str], counts: Counter, when: str = "") -> None:
     if missing:
         raise DataError(f"{len(missing)} class(es) with no training image{when}: "
                         f"{', '.join(missing[:20])}{' …' if len(missing) > 20 else ''} "
-                        "(add images, remove the folders, or pass --keep-empty-classes to keep "
-                        "them as outputs that never train)")
+                        "(add images, remove the folders, or convert with `tricks convert "
+                        "--keep-empty-classes` to keep them as outputs that never train)")
 
 
 def format_report(report: dict, limit: int = 20) -> str:

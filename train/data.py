@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tricks.pipeline import Loader
-from tricks.pipeline.convert import convert, format_report
+from tricks.pipeline.convert import CONVERT_VERSION, convert, format_report
 from tricks.pipeline.errors import DataError, OptionError
 from tricks.pipeline.ops import make_op
 from tricks.pipeline.records import CLASSES_FILE, list_splits
@@ -46,7 +46,8 @@ def resolve_dataset(path: str | None, max_side: int | None = None, quality: int 
         raise DataError(f"no such dataset: {src}")
     if (src / CLASSES_FILE).is_file():
         return src
-    key = hashlib.sha1(f"{src.resolve()}|{max_side}|{quality}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{src.resolve()}|{max_side}|{quality}|v{CONVERT_VERSION}".encode()
+                       ).hexdigest()[:12]
     dst = cache_dir() / "converted" / f"{src.name}-{key}"
     if not (dst / CLASSES_FILE).is_file():
         log(f"converting {src} into {dst} (once; `tricks convert` does this ahead of time)")
