@@ -3,8 +3,9 @@
 Generated smooth-noise JPEGs decode unlike photographs (less entropy-coded detail), so loader
 figures are made on photos: matplotlib's ``mpl-data/sample_data/grace_hopper.jpg`` (always
 there: matplotlib is a dependency) and, when scikit-image is installed, the colour photographs
-in ``skimage/data`` (astronaut, chelsea, coffee, rocket, motorcycle_left/right, hubble_deep_field, retina, ihc; located with
-``importlib.util.find_spec``, scikit-image itself is never imported). Each stored image is a
+in ``skimage/data`` (astronaut, chelsea, coffee, rocket, motorcycle_left/right,
+hubble_deep_field, retina, ihc; located with ``importlib.util.find_spec``, scikit-image itself
+is never imported). Each stored image is a
 random 85–100 % crop of one photo, maybe mirrored, resized to 500 px on its longer side
 (ImageNet's typical ~500×375) and saved as baseline JPEG at quality 90, so no two files are
 byte-identical yet all decode like the photos they come from.
