@@ -109,3 +109,12 @@ def test_plan_flips_are_fair_and_independent_of_the_crop():
     f, bw = np.concatenate(flips), np.concatenate(widths)
     assert abs(f.mean() - 0.5) < 0.02
     assert abs(np.corrcoef(f, bw)[0, 1]) < 0.04
+
+
+@pytest.mark.parametrize("h,w,box", [(10, 1000, (493, 0, 506, 10)), (1000, 10, (0, 493, 10, 506))])
+def test_fallback_is_the_centre_crop_with_the_ratio_clamped_both_ways(h, w, box):
+    # torchvision's fallback: too wide → width = round(h·max ratio); too tall → height =
+    # round(w / min ratio); centred
+    boxes = random_resized_boxes(torch.tensor([h]), torch.tensor([w]), keyed_generator(0),
+                                 (0.9999, 1.0), (3 / 4, 4 / 3))
+    assert tuple(boxes[0].tolist()) == box
