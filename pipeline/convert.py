@@ -231,15 +231,6 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-@dataclass
-class Encoded:
-    data: bytes | None        # None: skipped
-    height: int = 0
-    width: int = 0
-    reencoded: str = ""       # why it was re-encoded ("" when stored as is)
-    error: str = ""           # why it was skipped
-
-
 def inspect_and_encode(data: bytes, max_side: int | None = None, quality: int = 90) -> Encoded:
     """Validate one file's bytes; return them unchanged when they are an upright baseline RGB
     JPEG within ``max_side`` and Pillow's pixel limit, else a re-encoded one (upright per its
