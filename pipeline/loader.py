@@ -105,6 +105,12 @@ class Loader:
             workers=default_workers() if workers is None else workers, prefetch=prefetch,
             plan=self.plan, **(engine_options or {}))
         self.stages = Stages(dtype, len(self.classes), augment, mix, mean, std, channels_last)
+        # the normalize stage folded into the engine's decode where it can (not under
+        # pad-and-crop: its fill is a uint8 value, set after the decode)
+        fold = getattr(self.engine, "fold_normalize", None)
+        constants = self.stages.engine_normalize()
+        if fold is not None and constants is not None and not self.pad:
+            self.stages.engine_normalizes = fold(constants)
         self.seed, self.rank = seed, rank
         self.epoch, self.start_batch = 0, 0
         self.position = 0            # global batches of the current epoch already yielded

@@ -1,6 +1,8 @@
 """The stages after a decode engine: augment → normalize → mix.
 
-    engine   uint8 N×3×H×W (channels-last) + int64 labels, on the device
+    engine   uint8 N×3×H×W (channels-last) + int64 labels, on the device; or, where the engine
+             can fold the normalize stage into its decode (``engine_normalize``), the
+             normalized float32 images themselves
     augment  float N×3×H×W in [0, 1], each op ``op(images, gen) -> images``
     normalize (x − mean) / std, in the training dtype
     augment  the ops marked ``after_normalize`` (cutout: its hole is 0, the dataset mean)
@@ -50,9 +52,19 @@ class Stages:
         self.std = torch.tensor(std).view(1, 3, 1, 1)
         self.channels_last = channels_last
         self.mix_enabled = True  # the trainer can switch mixing off for the last epochs
+        self.engine_normalizes = False  # set by the loader when the engine took the stage
         # x_u8 · scale + shift == (x_u8 / 255 − mean) / std; moved once per device and dtype
         self._consts = DeviceConstants(mean=self.mean, std=self.std, scale=1 / (255 * self.std),
                                        shift=-self.mean / self.std)
+
+    def engine_normalize(self) -> tuple[float, ...] | None:
+        """The normalize stage as 6 floats (scale r, g, b, shift r, g, b: x_u8 · scale + shift)
+        for an engine that can write normalized float32 pixels itself, or None where it must run
+        here: a training dtype other than float32, or augment ops that need [0, 1] pixels."""
+        if self.dtype != torch.float32 or self.before:
+            return None
+        scale, shift = self._consts.values["scale"], self._consts.values["shift"]
+        return tuple(float(v) for v in (*scale.flatten(), *shift.flatten()))
 
     @property
     def before(self) -> list:
@@ -65,7 +77,9 @@ class Stages:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         const = lambda name: self._consts.get(name, images.device, self.dtype)  # noqa: E731
-        if self.before:
+        if self.engine_normalizes:
+            x = images
+        elif self.before:
             x = images.to(self.dtype).mul_(1 / 255)
             for op in self.before:
                 x = op(x, gen)
