@@ -348,13 +348,21 @@ PyDoc_STRVAR(decode_crops_doc,
 static PyObject *decode_crops(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"jpegs", "boxes", "flips", "out", "threads", "fast", "normalize",
                              NULL};
-    PyObject *jpegs, *result = NULL, *normalize = Py_None;
+    PyObject *jpegs, *result = NULL, *normalize = Py_None, *out_obj;
     Py_buffer boxes = {0}, flips = {0}, out = {0};
     int threads = 1, fast = 0;
     Normalize norm = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*y*w*|ipO", kwlist, &jpegs, &boxes, &flips,
-                                     &out, &threads, &fast, &normalize))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*y*O|ipO", kwlist, &jpegs, &boxes, &flips,
+                                     &out_obj, &threads, &fast, &normalize))
         return NULL;
+    /* shape and item format, not only a byte count: a uint8 buffer can have as many bytes as
+     * a smaller float32 one */
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) <
+        0) {
+        PyBuffer_Release(&boxes);
+        PyBuffer_Release(&flips);
+        return NULL;
+    }
     if (normalize != Py_None) {
         PyObject *values = PySequence_Fast(normalize, "normalize must be 6 floats");
         if (!values || PySequence_Fast_GET_SIZE(values) != 6) {
@@ -400,12 +408,14 @@ static PyObject *decode_crops(PyObject *self, PyObject *args, PyObject *kwargs) 
         result = PyList_New(0);
         goto done;
     }
-    Py_ssize_t slot = out.len / n / itemsize;
-    int size = (int)floor(sqrt((double)slot / 3) + 0.5);
-    if ((Py_ssize_t)size * size * 3 * n * itemsize != out.len || size <= 0 ||
+    const char *format = out.format ? out.format : "B";
+    if (*format == '<' || *format == '=' || *format == '@') format++;
+    int size = out.ndim == 4 ? (int)out.shape[1] : 0;
+    if (out.ndim != 4 || out.shape[0] != n || out.shape[2] != size || out.shape[3] != 3 ||
+        size <= 0 || out.itemsize != itemsize || strcmp(format, norm.on ? "f" : "B") != 0 ||
         ((uintptr_t)out.buf % (uintptr_t)itemsize) != 0) {
-        PyErr_Format(PyExc_ValueError, "out must be %s %zd x S x S x 3 (got %zd bytes)",
-                     norm.on ? "aligned float32" : "uint8", n, out.len);
+        PyErr_Format(PyExc_ValueError, "out must be a C-contiguous %s %zd x S x S x 3 array",
+                     norm.on ? "float32" : "uint8", n);
         goto done;
     }
     for (Py_ssize_t k = 0; k < n; k++, held++) {

@@ -35,7 +35,7 @@ def test_batch_contract_shapes_dtype_strides(shapes_records):
 
 
 def test_engine_output_is_uint8_channels_last(shapes_records):
-    loader = _loader(shapes_records)
+    loader = _loader(shapes_records, dtype=torch.float16)  # no float32 normalize to fold in
     tasks = loader.plan.tasks(0, loader._heights, loader._widths, 32)
     images, labels = next(loader.engine.batches(tasks))
     assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
@@ -269,3 +269,40 @@ def test_normalize_stage_matches_the_definition(dtype, tol):
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     assert (out.float() - (x.float() / 255 - mean) / std).abs().max() < tol
     assert torch.equal(targets, torch.arange(4))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_normalize_folded_into_the_decode_gives_the_stage_s_pixels(shapes_records, workers,
+                                                                   monkeypatch):
+    from tricks.pipeline.engines.native import NativeEngine, _jpeg
+    if _jpeg is None:
+        pytest.skip("tricks.pipeline._jpeg not built")
+    folded = _loader(shapes_records, workers=workers, seed=4)
+    assert folded.stages.engine_normalizes
+    monkeypatch.setattr(NativeEngine, "fold_normalize", lambda self, c: False)
+    staged = _loader(shapes_records, workers=workers, seed=4)
+    assert not staged.stages.engine_normalizes
+    for a, b in zip(folded, staged):
+        assert a.images.dtype == torch.float32
+        assert a.images.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-6)
+        assert torch.equal(a.targets, b.targets)
+
+
+@pytest.mark.parametrize("why", ["fp16", "augment", "pad", "pillow"])
+def test_normalize_stays_a_stage_where_the_engine_cannot_do_it(shapes_records, why):
+    from tricks.pipeline.augment import ColorJitter
+    kw = {"fp16": dict(dtype=torch.float16), "augment": dict(augment=[ColorJitter(0.4, 0.4, 0.4)]),
+          "pad": dict(crop="pad", pad=4), "pillow": dict(engine_options={"cpu_decoder": "pillow"})}
+    loader = _loader(shapes_records, **kw[why])
+    assert not loader.stages.engine_normalizes
+    assert next(iter(loader)).images.dtype == loader.stages.dtype
+
+
+def test_kept_batches_are_never_overwritten(shapes_records):
+    """The CPU path reuses a batch buffer only when nothing holds it (HostBuffers)."""
+    kept = list(_loader(shapes_records, workers=2, seed=7))
+    again = _loader(shapes_records, workers=2, seed=7)
+    for a, b in zip(kept, again):  # `again`'s batches are dropped at once: reused buffers
+        torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+    assert len({k.images.data_ptr() for k in kept}) == len(kept)

@@ -294,3 +294,69 @@ def test_without_the_extension_the_engine_says_so_once_and_uses_pillow(tmp_path,
         NativeEngine(records, cpu_decoder="libjpeg-turbo")
     with pytest.raises(OptionError, match="cpu_decoder"):
         NativeEngine(records, cpu_decoder="simd")
+
+
+# ImageNet's constants as the stage computes them: x_u8 · scale + shift
+_SCALE = [1 / (255 * s) for s in (0.229, 0.224, 0.225)]
+_SHIFT = [-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+
+
+def _normalized(u8: np.ndarray) -> np.ndarray:
+    return u8.astype(np.float32) * np.float32(_SCALE) + np.float32(_SHIFT)
+
+
+@needs_ext
+@pytest.mark.parametrize("size", [64, 57])
+def test_normalized_output_is_the_uint8_output_normalized(size):
+    data = _jpeg(_photo((333, 251)), 2)
+    boxes = _boxes(333, 251, 12, True, seed=5)
+    flips = (np.arange(12) % 3 == 0).astype(np.uint8)
+    u8 = _turbo(data, boxes, flips, size)
+    f32 = np.full((12, size, size, 3), np.nan, np.float32)
+    failed = native._jpeg.decode_crops([data] * 12, boxes.astype(np.float32), flips, f32,
+                                       threads=2, normalize=_SCALE + _SHIFT)
+    assert failed == []
+    np.testing.assert_allclose(f32, _normalized(u8), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):  # a uint8 buffer is 4× too small
+        native._jpeg.decode_crops([data] * 12, boxes.astype(np.float32), flips, u8,
+                                  normalize=_SCALE + _SHIFT)
+    with pytest.raises(ValueError, match="6 floats"):
+        native._jpeg.decode_crops([data] * 12, boxes.astype(np.float32), flips, f32,
+                                  normalize=_SCALE)
+
+
+@needs_ext
+def test_engine_normalizes_in_the_decode_threads_pillow_fallback_included(tmp_path):
+    jpegs = [_jpeg(_photo((200, 150))), _cmyk_jpeg(), _jpeg(_photo((150, 200)), 0)]
+    records = _records(tmp_path, jpegs)
+    task = _task(records, 48)
+    plain, folded = NativeEngine(records, workers=2), NativeEngine(records, workers=2)
+    assert folded.fold_normalize(tuple(_SCALE + _SHIFT))
+    (u8, _), = list(plain.batches([task]))
+    (f32, _), = list(folded.batches([task]))
+    plain.close(), folded.close()
+    assert f32.dtype == torch.float32 and f32.is_contiguous(memory_format=torch.channels_last)
+    assert folded.fallbacks == 1  # the CMYK image, through Pillow, normalized the same way
+    np.testing.assert_allclose(f32.permute(0, 2, 3, 1).numpy(),
+                               _normalized(u8.permute(0, 2, 3, 1).numpy()), rtol=0, atol=1e-6)
+    # a CUDA target keeps uint8 (4× fewer bytes to copy); so does the Pillow decoder
+    assert not NativeEngine(records, device="meta", decode="workers").fold_normalize((1.0,) * 6)
+    assert not NativeEngine(records, workers=0, cpu_decoder="pillow").fold_normalize((1.0,) * 6)
+
+
+def test_host_buffers_are_reused_only_when_nothing_holds_them():
+    pool = native.HostBuffers(limit=3)
+    a = pool.get((2, 4, 4, 3), torch.float32)
+    a.fill_(1)
+    b = pool.get((2, 4, 4, 3), torch.float32)
+    assert a.data_ptr() != b.data_ptr()  # a is held
+    kept = a[1:]  # a view outlives the batch: still held
+    a_ptr = a.data_ptr()
+    del a
+    c = pool.get((2, 4, 4, 3), torch.float32)
+    assert c.data_ptr() != a_ptr and torch.equal(kept, torch.ones(1, 4, 4, 3))
+    del kept, c
+    assert pool.get((2, 4, 4, 3), torch.float32).data_ptr() == a_ptr  # free again: reused
+    assert len(pool.buffers) == 3
+    d = pool.get((1, 8, 8, 3), torch.uint8)  # another shape: a free buffer makes room for it
+    assert d.shape == (1, 8, 8, 3) and len(pool.buffers) <= 3
