@@ -48,9 +48,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     || { jpeg_h && ! ls pipeline/_jpeg*.so >/dev/null 2>&1; } \
     || [ "$(cat "$stamp")" != "$extras" ]; then
   echo "setup: installing the project [$extras] into .venv (first time: a few minutes)" >&2
+  # the extension is optional: a build that fails leaves the old module in place, unnoticed
+  rm -f pipeline/_jpeg*.so
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
   echo "$extras" > "$stamp"
 fi
-.venv/bin/python -c 'import tricks.pipeline._jpeg' 2>/dev/null \
-  || echo "setup: tricks.pipeline._jpeg not built: the native engine decodes with Pillow" >&2
+if ! .venv/bin/python -c 'import tricks.pipeline._jpeg' 2>/dev/null; then
+  if jpeg_h; then  # the headers are there, so our C code failed to build: say so, loudly
+    echo "setup: error: tricks.pipeline._jpeg failed to build against the libjpeg headers;" \
+      "see: .venv/bin/python setup.py build_ext --inplace" >&2
+    exit 1
+  fi
+  echo "setup: tricks.pipeline._jpeg not built: the native engine decodes with Pillow" >&2
+fi

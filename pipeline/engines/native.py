@@ -4,7 +4,8 @@
   ``tricks.pipeline._jpeg`` (libjpeg-turbo, the GIL released) write each batch straight into one
   preallocated uint8 N×S×S×3 tensor (pinned when the target is CUDA). Per image only the crop's
   rows and columns are decoded (``jpeg_skip_scanlines``/``jpeg_crop_scanline``), DCT-scaled
-  by 1/2, 1/4 or 1/8 when the crop is at least twice the output side, then box-filtered (shrink)
+  by 1/2, 1/4 or 1/8 when the crop is at least 6× the output side (2× with ``fast_dct``: see
+  ``dct_denominator``), then box-filtered (shrink)
   or bilinearly resampled (enlarge) and flipped in the same pass. A background thread makes
   batch i+1 while the consumer uses batch i. An image libjpeg cannot decode (CMYK, corrupt
   data) is redone with Pillow and counted (``fallbacks``). Where the extension was not built (no
@@ -44,10 +45,15 @@ except ImportError:
 CPU_DECODERS = ("auto", "libjpeg-turbo", "pillow")
 
 
-def dct_denominator(box: np.ndarray, size: int) -> int:
+# The crop must be at least this many times d × the output side to be decoded at 1/d (d = 2, 4,
+# 8) in exact mode; 1 with ``fast_dct``. Same rule in C (``_jpeg.c``, which says why 3).
+EXACT_MARGIN = 3
+
+
+def dct_denominator(box: np.ndarray, size: int, margin: int = EXACT_MARGIN) -> int:
     """The JPEG DCT-domain reduction (1, 2, 4 or 8) for a crop: the largest that still leaves
-    the crop's shorter side at least ``size`` pixels. Same rule in C (``_jpeg.c``)."""
-    shrink = min(box[2] - box[0], box[3] - box[1]) / size
+    the crop's shorter side at least ``margin`` × d × ``size`` pixels."""
+    shrink = min(box[2] - box[0], box[3] - box[1]) / size / margin
     return 8 if shrink >= 8 else 4 if shrink >= 4 else 2 if shrink >= 2 else 1
 
 
@@ -256,7 +262,8 @@ def _say_pillow_once() -> None:
 class NativeEngine:
     """Options (``engine_options``): ``cpu_decoder`` (``auto``: libjpeg-turbo through the C
     extension where built, else Pillow; or ``libjpeg-turbo``/``pillow`` by name) and
-    ``fast_dct`` (libjpeg's fast integer IDCT and plain chroma upsampling: faster, a few levels
+    ``fast_dct`` (DCT-domain reduction whenever the crop is at least twice the output side,
+    libjpeg's fast integer IDCT and plain chroma upsampling: faster, a few levels
     less exact; training crops only). ``fallbacks`` counts the images decoded by Pillow."""
 
     def __init__(self, records: RecordFile, device: torch.device | str = "cpu",
