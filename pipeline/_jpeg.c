@@ -144,14 +144,18 @@ static int axis_make(Axis *a, double in0, double in1, int in_size, int out_size,
 /* Rounded (c holds value + 0.5, within [0.5, 255.5]), clamped: uint8, or that uint8 value
  * times scale plus shift. Separate functions with restrict pointers, so the loops vectorise. */
 static void store_uint8(const float *restrict c, unsigned char *restrict out, int n) {
-    for (int x = 0; x < n; x++) out[x] = (unsigned char)(int)(c[x] < 255.0f ? c[x] : 255.0f);
+    for (int x = 0; x < n; x++) {
+        int v = (int)c[x]; /* clamped as an int: a float compare here stops vectorisation */
+        out[x] = (unsigned char)(v < 255 ? v : 255);
+    }
 }
 
 static void store_normalized(const float *restrict c, const float *restrict scale,
                              const float *restrict shift, float *restrict out, int n) {
     for (int x = 0; x < n; x++) {
-        float v = (float)(int)(c[x] < 255.0f ? c[x] : 255.0f);
-        out[x] = v * scale[x] + shift[x];
+        int v = (int)c[x];
+        v = v < 255 ? v : 255;
+        out[x] = (float)v * scale[x] + shift[x];
     }
 }
 
