@@ -371,7 +371,7 @@ class NativeEngine:
             labels = labels.pin_memory()
         return images, labels
 
-    def _prefetched(self, made: Iterator) -> Iterator:
+    def _prefetched(self, made: Iterator, name: str = "tricks-cpu-decode") -> Iterator:
         """Run the iterator ``made`` in a background thread, ``prefetch`` items ahead (the
         decode releases the GIL, so it overlaps the consumer's work)."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -395,7 +395,7 @@ class NativeEngine:
             except BaseException as e:  # handed to the consumer, raised there
                 put(e)
 
-        thread = threading.Thread(target=produce, daemon=True, name="tricks-cpu-decode")
+        thread = threading.Thread(target=produce, daemon=True, name=name)
         thread.start()
         try:
             while True:
@@ -428,53 +428,25 @@ class NativeEngine:
 
     def _threaded(self, tasks: Iterable[BatchTask]):
         """Make batches in a background thread, ``prefetch`` ahead, on a side CUDA stream."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
+        def made():  # runs in the background thread: the stream is that thread's
+            with torch.cuda.stream(stream) if cuda else nullcontext():
+                for task in tasks:
+                    out = self._device_batch(task)
+                    event = torch.cuda.Event() if cuda else None
+                    if cuda:
+                        event.record(stream)
+                    yield out, event
 
-        def produce():
-            try:
-                with torch.cuda.stream(stream) if cuda else nullcontext():
-                    for task in tasks:
-                        out = self._device_batch(task)
-                        event = torch.cuda.Event() if cuda else None
-                        if cuda:
-                            event.record(stream)
-                        if not put((out, event)):
-                            return
-                put(_END)
-            except BaseException as e:  # handed to the consumer, raised there
-                put(e)
-
-        thread = threading.Thread(target=produce, daemon=True, name="tricks-decode")
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                (images, labels), event = item
-                if cuda:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(event)
-                    images.record_stream(current)
-                    labels.record_stream(current)
-                yield images, labels
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+        for (images, labels), event in self._prefetched(made(), "tricks-decode"):
+            if cuda:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                images.record_stream(current)
+                labels.record_stream(current)
+            yield images, labels
 
     def close(self) -> None:
         if self._loader is not None:
