@@ -21,6 +21,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from .buffers import HostBuffers
 from .transfer import DeviceConstants
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,6 +54,8 @@ class Stages:
         self.channels_last = channels_last
         self.mix_enabled = True  # the trainer can switch mixing off for the last epochs
         self.engine_normalizes = False  # set by the loader when the engine took the stage
+        self._rows: dict = {}  # image width → (scale, shift) repeated along a row (CPU)
+        self._buffers = HostBuffers(limit=4)  # CPU outputs, reused once released
         # x_u8 · scale + shift == (x_u8 / 255 − mean) / std; moved once per device and dtype
         self._consts = DeviceConstants(mean=self.mean, std=self.std, scale=1 / (255 * self.std),
                                        shift=-self.mean / self.std)
@@ -65,6 +68,28 @@ class Stages:
             return None
         scale, shift = self._consts.values["scale"], self._consts.values["shift"]
         return tuple(float(v) for v in (*scale.flatten(), *shift.flatten()))
+
+    def _cpu_rows(self, images: torch.Tensor) -> bool:
+        return (images.device.type == "cpu" and self.dtype == torch.float32
+                and images.dtype == torch.uint8 and images.dim() == 4
+                and images.is_contiguous(memory_format=torch.channels_last))
+
+    def _normalize_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """The CPU normalize: channels-last uint8 N×3×H×W seen as N·H rows of W·3 values, each
+        row converted into a reused float32 buffer, then scaled and shifted by W·3-long rows of
+        constants. Broadcasting a 3-long channel axis kept torch's CPU kernels scalar (~100 ms
+        for 64 × 224², one thread); whole rows vectorise (~15 ms), and a reused buffer saves the
+        page faults of a fresh 38 MB one."""
+        n, _, h, w = images.shape
+        rows = images.permute(0, 2, 3, 1).reshape(n * h, w * 3)  # a view: channels-last
+        if w not in self._rows:
+            self._rows[w] = tuple(self._consts.values[k].flatten().repeat(w).float()
+                                  for k in ("scale", "shift"))
+        scale, shift = self._rows[w]
+        out = self._buffers.get((n, h, w, 3), torch.float32)
+        flat = out.view(n * h, w * 3)
+        flat.copy_(rows).mul_(scale).add_(shift)
+        return out.permute(0, 3, 1, 2)
 
     @property
     def before(self) -> list:
@@ -84,6 +109,8 @@ class Stages:
             for op in self.before:
                 x = op(x, gen)
             x = x.sub_(const("mean")).div_(const("std"))
+        elif self._cpu_rows(images):
+            x = self._normalize_rows(images)
         else:
             # uint8 in, training dtype out, in one pass (type promotion inside the kernel)
             x = torch.addcmul(const("shift"), images, const("scale"))
