@@ -27,9 +27,10 @@ def test_cpu_normalize_is_the_formula_per_channel(h, w):
 
 
 def test_other_layouts_and_dtypes_take_the_general_path():
-    u8 = torch.randint(0, 256, (2, 3, 9, 11), dtype=torch.uint8)  # NCHW-contiguous
+    u8 = torch.randint(0, 256, (2, 3, 9, 11), dtype=torch.uint8,  # NCHW-contiguous
+                       generator=torch.Generator().manual_seed(0))
     for dtype in (torch.float32, torch.bfloat16):
         x, _ = Stages(dtype, 10, channels_last=False)(u8, torch.zeros(2, dtype=torch.long), None)
         assert x.dtype == dtype
-        tol = 2e-6 if dtype == torch.float32 else 2e-2
+        tol = 2e-6 if dtype == torch.float32 else 4e-2  # bf16: 8 bits of mantissa, |x| < 2.7
         torch.testing.assert_close(x.double(), _reference(u8), rtol=0, atol=tol)
