@@ -159,6 +159,14 @@ static void store_normalized(const float *restrict c, const float *restrict scal
     }
 }
 
+typedef float v4sf __attribute__((vector_size(16))); /* GCC/Clang vector extension */
+
+static inline v4sf load4(const float *p) {
+    v4sf v;
+    memcpy(&v, p, sizeof(v)); /* unaligned */
+    return v;
+}
+
 typedef struct {
     const unsigned char *data;
     size_t size;
@@ -243,8 +251,10 @@ static int crop_one(const Job *job, int size, int fast, const Normalize *norm, v
     const int nrows = ay.hi - ay.lo, stride = (int)cw * 3;
     /* the crop's decoded rows (uint8), then one float row for the vertical pass */
     line = (JSAMPLE *)malloc((size_t)nrows * stride);
-    /* + a gathered output row, and the normalize constants repeated along a row */
-    rows = (float *)malloc(sizeof(float) * ((size_t)stride + 9 * (size_t)size));
+    /* + zeros after the row, which the horizontal pass may read under zero weights, + a
+     * gathered output row, and the normalize constants repeated along a row */
+    const size_t pad = 3 * (size_t)ax.ntaps + 4;
+    rows = (float *)malloc(sizeof(float) * ((size_t)stride + pad + 9 * (size_t)size));
     if (!rows || !line) {
         strcpy(err.message, "out of memory");
         longjmp(err.jump, 1);
@@ -272,8 +282,9 @@ static int crop_one(const Job *job, int size, int fast, const Normalize *norm, v
     jpeg_destroy_decompress(&cinfo);
     /* vertical pass first (contiguous, vectorised), then the horizontal one on size rows only:
      * the gathering (scalar) pass runs on the smaller image when shrinking */
-    float *acc = rows, *gathered = rows + stride, *scale_row = gathered + 3 * size,
+    float *acc = rows, *gathered = rows + stride + pad, *scale_row = gathered + 3 * size,
           *shift_row = scale_row + 3 * size;
+    memset(acc + stride, 0, sizeof(float) * pad);
     if (norm->on)
         for (int x = 0; x < 3 * size; x++) {
             scale_row[x] = norm->scale[x % 3];
@@ -292,17 +303,15 @@ static int crop_one(const Job *job, int size, int fast, const Normalize *norm, v
             const float wk = w[k];
             for (int x = 0; x < stride; x++) acc[x] += wk * sk[x];
         }
-        /* gather (scalar; flipped here), then round, clamp and store a whole row in a loop the
-         * compiler vectorises */
+        /* gather (flipped here), then round, clamp and store a whole row in a loop the
+         * compiler vectorises. One pixel's 3 channels ride in a 4-lane vector (the 4th lane
+         * reads the next pixel, or the zeros after the row, and is dropped). */
         for (int j = 0; j < size; j++) {
             const float *wj = wx + (size_t)j * nx;
             const float *a3 = acc + (size_t)(fx[j] - shift) * 3;
-            float c0 = 0.5f, c1 = 0.5f, c2 = 0.5f;
-            for (int k = 0, taps2 = cx[j]; k < taps2; k++) {
-                c0 += wj[k] * a3[3 * k];
-                c1 += wj[k] * a3[3 * k + 1];
-                c2 += wj[k] * a3[3 * k + 2];
-            }
+            v4sf c = {0.5f, 0.5f, 0.5f, 0.5f};
+            for (int k = 0, taps2 = cx[j]; k < taps2; k++) c += wj[k] * load4(a3 + 3 * k);
+            const float c0 = c[0], c1 = c[1], c2 = c[2];
             float *t = gathered + 3 * (job->flip ? size - 1 - j : j);
             t[0] = c0;
             t[1] = c1;
