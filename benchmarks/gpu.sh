@@ -18,7 +18,10 @@
 # JSON, table, chart and log so far, replaced atomically after each stage), part-<p>.log,
 # part-<p>-stages.tsv (seconds per stage) and the Markdown tables: at most 8 files, as the
 # device tool returns. Runs from the source tree (scripts/srcpath.sh). DALI runs only where
-# `import nvidia.dali` works (see ../shared/device/README.md for carrying it).
+# `import nvidia.dali` works (see ../shared/device/README.md for carrying it). The native
+# engine's C extension (its CPU decode, part c's 16-worker line) is used when built here or
+# carried in .devwheels/jpeg (scripts/stage-jpeg.sh, then scripts/jpegpath.sh finds it);
+# without it that line measures the Pillow fallback, and the log says so.
 set -uo pipefail
 part=${1:-}
 case "$part" in a|b|c) ;; *) echo "usage: benchmarks/gpu.sh a|b|c" >&2; exit 2 ;; esac
@@ -72,6 +75,8 @@ say "part $part on $(hostname)"
 "torch", torch.__version__, "torchvision", torchvision.__version__,
 "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))'; } 2>&1 | tee -a "$log"
 
+PYTHON=$py . scripts/jpegpath.sh > "$R/jpeg.log" 2>&1
+say "$(cat "$R/jpeg.log")"
 engines=native
 if $py -c 'import nvidia.dali' >/dev/null 2>&1; then
   engines=native,dali

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,15 @@ from tricks.pipeline.convert import convert
 from tricks.pipeline.synthetic import make_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def subprocess_env(*paths, **extra) -> dict:
+    """``os.environ`` for a test's subprocess with ``paths`` put ahead on ``PYTHONPATH``, the
+    caller's entries kept (where the source tree runs without an install, as on the GPU
+    machine, ``tricks`` is importable only through them: ``scripts/srcpath.sh``), and ``extra``
+    variables set."""
+    keep = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join([*map(str, paths), *keep])}
 
 
 @pytest.fixture(autouse=True)

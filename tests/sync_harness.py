@@ -20,6 +20,9 @@ run continues. What this cannot see: syncs inside CUDA kernels or libraries (cuD
 NCCL), the caching allocator's, and anything on a code path that only runs when
 ``device.type == "cuda"``. The ``gpu`` test with ``torch.cuda.set_sync_debug_mode("error")``
 covers those.
+
+Fused optimizers (the path on which ``torch.amp.GradScaler`` skips a step on the device instead
+of reading its inf flag back) have no meta kernel: ``meta_fused`` lets one run on ``meta``.
 """
 from __future__ import annotations
 
@@ -36,6 +39,23 @@ _READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzer
           aten.masked_select.default, aten.equal.default, aten._unique2.default,
           aten.unique_consecutive.default, aten.unique_dim.default, aten._unique.default,
           aten.allclose.default}
+
+
+_meta_kernels = None  # the Library holding our meta kernels; kept alive once registered
+
+
+def meta_fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Let a fused SGD ``optimizer`` step on ``meta`` parameters: registers a no-op meta kernel
+    for ``aten::_fused_sgd_`` (in place, nothing to compute without values) and lifts torch's
+    check that refuses fused kernels on devices other than CUDA, CPU, … Returns ``optimizer``."""
+    global _meta_kernels
+    if _meta_kernels is None:
+        lib = torch.library.Library("aten", "IMPL")
+        for overload in ("_fused_sgd_", "_fused_sgd_.tensor_lr"):
+            lib.impl(overload, lambda *args, **kwargs: None, "Meta")
+        _meta_kernels = lib
+    optimizer._need_device_dtype_check_for_fused = False
+    return optimizer
 
 
 class HostSync(RuntimeError):

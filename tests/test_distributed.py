@@ -1,6 +1,5 @@
 """torchrun with 2 CPU processes (gloo), and crash safety with real signals and a real SIGKILL."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,8 +11,10 @@ import torch
 
 from tricks.train.checkpoint import load_checkpoint
 
+from conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = subprocess_env(ROOT, OMP_NUM_THREADS="1")
 BASE = ["model.name=resnet18d", "model.width=8", "data.image_size=32", "data.workers=0",
         "train.batch=32", "data.scale=[0.35, 1]", "optim.lr=0.2", "train.label_smoothing=0.1",
         "train.log_every=1"]

@@ -5,7 +5,6 @@ absolute error, the same labels, the same count; and the native engine's crops a
 8-bit picture as taken."""
 import importlib.util
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,10 @@ from PIL import Image, ImageOps
 from tricks.pipeline import Loader
 from tricks.pipeline.convert import convert, to_rgb
 
+from conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+ENV = subprocess_env(ROOT, ROOT / "tests")
 # Every image's shorter side is 64 and its longer side even: the validation crop (0.875 of the
 # shorter side, centred) is then a whole-pixel 56² box, which every engine copies 1:1. The
 # engines' resamplers differ (Pillow's box filter, roi_align, DALI's and OpenCV's antialiased

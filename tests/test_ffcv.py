@@ -1,7 +1,6 @@
 """The FFCV engine, run in subprocesses (``import ffcv`` sets torch's threads process-wide)."""
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,14 +14,14 @@ from PIL import Image
 if importlib.util.find_spec("ffcv") is None:
     pytest.skip("FFCV is not installed", allow_module_level=True)
 
-from conftest import colour_of  # noqa: E402
+from conftest import colour_of, subprocess_env  # noqa: E402
 from tricks.pipeline import Loader  # noqa: E402
 from tricks.pipeline.beton import write_beton  # noqa: E402
 from tricks.pipeline.convert import convert  # noqa: E402
 from tricks.pipeline.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+ENV = subprocess_env(ROOT, ROOT / "tests")
 
 
 @pytest.fixture(scope="module")

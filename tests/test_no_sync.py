@@ -3,10 +3,12 @@ training step and the EMA, run on the ``meta`` device (standing in for CUDA) und
 ``SyncCounter``; and the same on a GPU under ``torch.cuda.set_sync_debug_mode("error")``."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
-from sync_harness import HostSync, SyncCounter
+from sync_harness import HostSync, SyncCounter, meta_fused
 from tricks.models import create_model
 from tricks.pipeline.ops import AUGMENT_OPS, MIX_OPS
 from tricks.pipeline.sampling import keyed_generator
@@ -14,6 +16,7 @@ from tricks.pipeline.stages import Stages
 from tricks.pipeline.transfer import to_device
 from tricks.train.ema import ExponentialMovingAverage
 from tricks.train.loss import SoftTargetCrossEntropy
+from tricks.train.optim import build_optimizer, scaler_reads_back
 from tricks.train.trainer import train_step
 
 from conftest import cuda
@@ -122,6 +125,48 @@ def test_full_step_does_not_sync(mix):
         step(1)
     assert s.events == []
     assert ema.n_updates == 2
+
+
+# the optimizers the trainer builds (optim.name, optim.fused)
+OPTIMIZERS = {"sgd-fused": dict(name="sgd", fused=True), "sgd": dict(name="sgd"),
+              "adabound": dict(name="adabound"), "amsbound": dict(name="amsbound")}
+
+
+@pytest.mark.parametrize("config", sorted(OPTIMIZERS))
+def test_fp16_scaler_syncs_exactly_where_scaler_reads_back_says(config):
+    """FP16's gradient scaler (enabled, on ``meta``) with each optimizer the trainer builds: a
+    step (stages with mixup, ``train_step`` with two micro-batches) reads the inf flag back to the
+    host exactly when ``scaler_reads_back`` says so (the trainer's start-up note and the README
+    rest on it), and fused SGD's step has no sync of any kind."""
+    model = create_model("resnet18", num_classes=K, cifar_stem=True, width=8)
+    model = model.to(META).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, lr=0.1, weight_decay=1e-4, no_bias_decay=True,
+                                **OPTIMIZERS[config])
+    if optimizer.defaults.get("fused"):
+        meta_fused(optimizer)
+    scaler = torch.amp.GradScaler("meta")
+    assert scaler.is_enabled()
+    stages = Stages(torch.float32, K, [], MIX_OPS["mixup"]())
+    criterion = SoftTargetCrossEntropy(K, 0.1)
+
+    def step(i):
+        x, t = stages(*_batch(META), keyed_generator(0, 6, i))
+        return train_step(model, x, t, criterion, optimizer, scaler, nullcontext(), accumulate=2)
+
+    stages(*_batch(META), keyed_generator(0, 6, 99))  # its constants move to the device once
+    read = None
+    for i in range(2):  # the first step and one with the optimizer's state made
+        with SyncCounter() as s:
+            try:
+                step(i)
+            except HostSync as e:
+                read = str(e)
+                break
+        assert s.events == []
+    assert (read is not None) == scaler_reads_back(optimizer), read
+    assert read is None or config != "sgd-fused", read
+    if read is not None:
+        assert "_local_scalar_dense" in read and "scaler.step(optimizer)" in read
 
 
 def test_ema_keeps_the_decay_and_the_checkpoint_format_of_averaged_model():

@@ -1,5 +1,5 @@
 from tricks.models import create_model
-from tricks.train.optim import build_optimizer, param_groups
+from tricks.train.optim import build_optimizer, fp16_sync_note, param_groups
 
 
 def test_no_bias_decay_groups_by_structure_including_downsample_bn():
@@ -26,3 +26,14 @@ def test_decay_everything_without_the_trick():
 def test_sgd_is_nesterov():
     opt = build_optimizer(create_model("resnet18"), "sgd", 0.1, 0.9, True, 1e-4, True)
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+
+
+def test_fp16_sync_note_only_for_optimizers_the_scaler_reads_back():
+    """Fused SGD applies the scale itself: no note; unfused SGD and AdaBound: a note naming the
+    fix (which configs sync is checked against a step in tests/test_no_sync.py)."""
+    model = create_model("resnet18", num_classes=10, cifar_stem=True, width=8)
+    assert fp16_sync_note(build_optimizer(model, "sgd", 0.1, fused=True), "sgd") is None
+    note = fp16_sync_note(build_optimizer(model, "sgd", 0.1), "sgd")
+    assert note and "optim.fused=false" in note and "set optim.fused=true" in note
+    note = fp16_sync_note(build_optimizer(model, "adabound", 0.1), "adabound")
+    assert note and "optim.name=adabound" in note and "optim.fused=false" not in note

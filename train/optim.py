@@ -21,6 +21,28 @@ def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> 
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def scaler_reads_back(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``torch.amp.GradScaler.step`` makes the host wait for the GPU every step with this
+    optimizer (FP16): it reads its inf/NaN flag back (``found_inf.item()``) to decide whether to
+    step, unless the optimizer applies the scale itself and skips on the device
+    (``_step_supports_amp_scaling``: torch's fused SGD, Adam, AdamW). So with FP16, fused SGD
+    (``optim.fused``) keeps the step free of host syncs; unfused SGD and AdaBound do not.
+    ``tests/test_no_sync.py`` checks this answer against what a step does."""
+    return not getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def fp16_sync_note(optimizer: torch.optim.Optimizer, name: str) -> str | None:
+    """The one-line note the trainer prints at start-up when FP16 with the optimizer ``name``
+    (``optim.name``) would sync the host every step (``scaler_reads_back``); None when not."""
+    if not scaler_reads_back(optimizer):
+        return None
+    fix = "set optim.fused=true" if name == "sgd" \
+        else "optim.name=sgd with optim.fused=true avoids it"
+    return (f"note: train.precision=fp16 with optim.name={name}"
+            f"{', optim.fused=false' if name == 'sgd' else ''}: the gradient scaler reads its "
+            f"inf/NaN flag back to the host every step (a GPU sync per step); {fix}")
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.9,
                     nesterov: bool = True, weight_decay: float = 0.0, no_bias_decay: bool = False,
                     final_lr: float = 0.1, gamma: float = 1e-3, betas=(0.9, 0.999),

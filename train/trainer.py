@@ -27,7 +27,7 @@ from .distill import DistillationLoss
 from .ema import ExponentialMovingAverage
 from .loss import SoftTargetCrossEntropy
 from .observe import Observer
-from .optim import build_optimizer
+from .optim import build_optimizer, fp16_sync_note
 from .rundir import environment, make_run_dir
 from .schedule import lr_at, scaled_lr, schedule_args
 
@@ -264,6 +264,9 @@ class Trainer:
                                          o.weight_decay, o.no_bias_decay, o.final_lr, o.gamma,
                                          o.betas, o.eps, o.fused)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        note = fp16_sync_note(self.optimizer, o.name) if self.scaler.is_enabled() else None
+        if note:
+            self.log(note)
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                          if t.precision != "fp32" else nullcontext())
         self.steps_per_epoch = len(self.train_loader)
