@@ -5,11 +5,14 @@ seed), for the same epochs and batch, with horizontal flips, and are evaluated o
 whole test images. The plain loop is the reference a user would write in 30 lines
 (``plain_loop`` below): torchvision ``ImageFolder`` + ``DataLoader``, flips only, SGD with the
 preset's peak LR, momentum and weight decay, cosine annealing per epoch, cross-entropy. The
-preset adds pad-and-crop, label smoothing, warmup, per-update cosine, no bias decay and
-zero-γ. Seeds alternate between the sides (preset, plain, preset, plain, …).
+preset adds pad-and-crop, label smoothing, warmup, per-update cosine and no bias decay (both
+sides build the same model, zero-γ included). Seeds alternate between the sides (preset, plain, …).
+``--variant NAME:KEY=V,…`` adds preset runs with overrides (an ablation of those
+differences), run in the same interleaved order.
 
     python -m tricks.benchmarks.small_images --tarball ../shared/data/cifar10-jpg.tar.gz \\
-        --train 500 --test 100 --epochs 5 --width 16
+        --train 500 --test 100 --epochs 5 --width 16 \\
+        --variant no-smoothing:train.label_smoothing=0 --variant no-pad:data.pad=0
     python -m tricks.benchmarks.small_images --tree /data/fashion-mnist-jpg   # train/ test/
 
 Writes ``small_images-<dataset>.json`` (top-1 of every seed, their median, wall seconds)
@@ -99,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=V[,KEY=V…]",
+                   help="also run the preset with these overrides (an ablation: which of the "
+                        "preset's differences from the plain loop costs or gains accuracy)")
+    p.add_argument("--skip", action="append", default=[], choices=("preset", "plain"),
+                   help="leave this side out (variants only, e.g. a second ablation run)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/"
                    "<device>)")
@@ -119,38 +127,54 @@ def main(argv: list[str] | None = None) -> int:
                      f"data.image_size={args.image_size}", f"model.width={args.width}",
                      f"train.epochs={args.epochs}", f"train.batch={args.batch}",
                      f"train.device={device}", f"train.out={tmp / 'runs'}"]
-        top1 = {"preset": [], "plain": []}
-        wall = {"preset": [], "plain": []}
+        variants = dict(_variant(v) for v in args.variant)
+        sides = [s for s in ("preset", "plain") if s not in args.skip] + list(variants)
+        top1 = {s: [] for s in sides}
+        wall = {s: [] for s in sides}
         for seed in range(args.seeds):
             cfg = load_config([config_path(args.preset)], [*overrides, f"train.seed={seed}",
                                                             f"train.name=s{seed}"])
-            for side in ("preset", "plain"):
+            for side in sides:
                 t0 = time.perf_counter()
-                acc = preset_run(cfg) if side == "preset" else \
-                    plain_loop(cfg, tree, device, args.workers)
+                if side == "plain":
+                    acc = plain_loop(cfg, tree, device, args.workers)
+                else:
+                    extra = [*variants[side], f"train.name={side}-s{seed}"] \
+                        if side in variants else []
+                    acc = preset_run(load_config([config_path(args.preset)], [
+                        *overrides, f"train.seed={seed}", f"train.name=s{seed}", *extra]))
                 wall[side].append(time.perf_counter() - t0)
                 top1[side].append(acc)
                 print(f"seed {seed} {side}: top-1 {100 * acc:.2f}% "
                       f"({wall[side][-1]:.0f} s)", flush=True)
                 # written after each run: a stopped run keeps what it measured
-                path = _write(args, name, cfg, device, top1, wall)
+                path = _write(args, name, cfg, device, top1, wall, variants)
     med = {s: statistics.median(v) for s, v in top1.items()}
-    print(f"median top-1: preset {100 * med['preset']:.2f}%, plain {100 * med['plain']:.2f}% "
-          f"→ {path}")
+    print("median top-1: " + ", ".join(f"{s} {100 * m:.2f}%" for s, m in med.items())
+          + f" → {path}")
     return 0
 
 
-def _write(args, name: str, cfg: Config, device: torch.device, top1: dict, wall: dict) -> Path:
+def _variant(text: str) -> tuple[str, list[str]]:
+    """``NAME:KEY=V,KEY=V`` → (NAME, [KEY=V, …])."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name or name in ("preset", "plain") or "=" not in rest:
+        raise SystemExit(f"error: --variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE…]")
+    return name, rest.split(",")
+
+
+def _write(args, name: str, cfg: Config, device: torch.device, top1: dict, wall: dict,
+           variants: dict) -> Path:
     settings = dict(dataset=name, preset=args.preset, epochs=args.epochs, batch=args.batch,
                     width=args.width, image_size=args.image_size, seeds=args.seeds,
                     workers=args.workers, train_per_class=args.train if args.tarball else None,
                     test_per_class=args.test if args.tarball else None,
-                    preset_config=cfg.to_dict(),
+                    preset_config=cfg.to_dict(), variants=variants,
                     plain="ImageFolder + DataLoader, RandomHorizontalFlip, SGD (preset's peak "
                           "LR, momentum, Nesterov, weight decay), CosineAnnealingLR per epoch, "
                           "cross-entropy; whole-image evaluation")
-    entries = [entry(side, {"wall_s": wall[side]}, top1[side], unit="top-1")
-               for side in ("preset", "plain")]
+    entries = [entry(side, {"wall_s": wall[side], "overrides": variants.get(side, [])},
+                     top1[side], unit="top-1") for side in top1]
     return write_results(f"small_images-{name}", device, settings, entries, args.out)
 
 

@@ -74,6 +74,19 @@ def test_lighting_adds_exactly_alpha_eigval_along_eigvec():
     assert abs(a.std() - 0.1) < 0.005 and abs(a.mean()) < 0.005
 
 
+def test_lighting_eigenpairs_are_the_published_imagenet_ones():
+    # fb.resnet.torch (datasets/imagenet.lua, pixels in [0, 1]; Krizhevsky et al. 2012's PCA):
+    # eigenvalues 0.2175, 0.0188, 0.0045 and these eigenvector columns. The columns of an
+    # eigenbasis are orthonormal: a sign or digit slip in one entry breaks that (the published
+    # four-digit values are orthonormal to 5e-5)
+    assert torch.allclose(EIGVAL, torch.tensor([0.2175, 0.0188, 0.0045]), atol=1e-6)
+    gram = EIGVEC.T @ EIGVEC
+    assert torch.allclose(gram, torch.eye(3), atol=1e-3), gram
+    assert torch.allclose(EIGVEC, torch.tensor([[-0.5675, 0.7192, 0.4009],
+                                                [-0.5808, -0.0045, -0.8140],
+                                                [-0.5836, -0.6948, 0.4203]]), atol=1e-6)
+
+
 # --- cutout -------------------------------------------------------------------------------
 
 def test_cutout_zeroes_exactly_the_clipped_square():
@@ -237,6 +250,7 @@ def test_ops_run_in_half_precision(name, dtype):
     (lambda: RandomErasing(p=-0.1), "erasing p must be a probability"),
     (lambda: RandomErasing(area=(0.5, 0.2)), "erasing area"),
     (lambda: ColorJitter(brightness=2.0), "jitter brightness"),
+    (lambda: ColorJitter(hue=0.51), "jitter hue must be in \\[0, 0.5\\]"),
     (lambda: Lighting(std=-1), "lighting std must be ≥ 0"),
     (lambda: BatchAutoAugment("nope"), "unknown AutoAugment policy"),
 ])
@@ -301,3 +315,21 @@ def test_loader_augment_draws_are_keyed_by_seed_and_epoch(shapes_records):
     a = batch(0)
     assert torch.equal(a, batch(0))
     assert not torch.equal(a, batch(1)) and not torch.equal(a, batch(0, seed=1))
+
+
+def test_op_defaults_are_the_papers_settings():
+    # He et al. 2019 §2.1: brightness, contrast, saturation factors in [0.6, 1.4], PCA noise
+    # N(0, 0.1); DeVries & Taylor 2017: one 16×16 hole on CIFAR; Zhong et al. 2020: p 0.5, area
+    # [0.02, 0.4], r1 0.3, mean fill = the ImageNet mean. Defaults must equal these settings.
+    from tricks.pipeline.stages import IMAGENET_MEAN
+    x = _images(8, 32, 32)
+    pairs = [(ColorJitter(), ColorJitter(0.4, 0.4, 0.4, 0.0, False)),
+             (Lighting(), Lighting(0.1)),
+             (Cutout(), Cutout(1, 16, 1.0)),
+             (RandomErasing(fill="mean"), RandomErasing(0.5, (0.02, 0.4), 0.3, "mean",
+                                                        tuple(IMAGENET_MEAN)))]
+    for k, (default, explicit) in enumerate(pairs):
+        for j in range(3):
+            a, b = default(x, _gen("defaults", k, j)), explicit(x, _gen("defaults", k, j))
+            assert torch.equal(a, b), (k, j)
+    ColorJitter(hue=0.5)  # torchvision's range for hue is [0, 0.5], both ends included

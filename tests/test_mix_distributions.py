@@ -76,3 +76,22 @@ def test_ricap_boundary_follows_beta_and_crops_are_placed_uniformly():
     assert ks(bh, np.round(h * rng.beta(beta, beta, 20000))) < 0.065
     assert abs(np.var(np.array(bw) / w) - 1 / (4 * (2 * beta + 1))) < 0.02
     assert abs(np.mean(oy) - 0.5) < 0.04
+
+
+def test_defaults_are_the_papers_settings():
+    # mixup α = 0.2 (He et al. 2019, the bag of tricks), one λ per batch; CutMix α = 1 (Yun et
+    # al. 2019); RICAP β = 0.3 (Takahashi et al. 2018). The defaults must draw exactly what the
+    # explicit settings draw (whose distributions the tests above pin down).
+    from tricks.pipeline.mix import CutMix, Mixup, Ricap
+    x, y = torch.rand(8, 3, 12, 16), torch.arange(8) % K
+    cases = [(Mixup(), lambda g: mixup(x, y, K, g, alpha=0.2, per_sample=False)),
+             (lambda *a: mixup(*a)[:2], lambda g: mixup(x, y, K, g, alpha=0.2, per_sample=False)),
+             (CutMix(), lambda g: cutmix(x, y, K, g, alpha=1.0)),
+             (lambda *a: cutmix(*a)[:2], lambda g: cutmix(x, y, K, g, alpha=1.0)),
+             (Ricap(), lambda g: ricap(x, y, K, g, beta=0.3)),
+             (lambda *a: ricap(*a)[:2], lambda g: ricap(x, y, K, g, beta=0.3))]
+    for k, (default, explicit) in enumerate(cases):
+        for j in range(3):
+            a = default(x, y, K, keyed_generator("defaults", k, j))
+            b = explicit(keyed_generator("defaults", k, j))
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (k, j)

@@ -118,3 +118,27 @@ def test_fallback_is_the_centre_crop_with_the_ratio_clamped_both_ways(h, w, box)
     boxes = random_resized_boxes(torch.tensor([h]), torch.tensor([w]), keyed_generator(0),
                                  (0.9999, 1.0), (3 / 4, 4 / 3))
     assert tuple(boxes[0].tolist()) == box
+
+
+@pytest.mark.parametrize("h,w", [(100, 120), (120, 100), (100, 100), (10, 1000), (1000, 10),
+                                 (300, 401), (401, 300)])
+def test_fallback_matches_torchvision_for_every_shape(h, w):
+    # an area twice the image never fits, so every sample takes the fallback; images whose
+    # ratio is in range (100×120, 120×100) keep the whole image, out-of-range ones are clamped
+    boxes = random_resized_boxes(torch.full((64,), h), torch.full((64,), w), keyed_generator(0),
+                                 (2.0, 2.0), (3 / 4, 4 / 3))
+    i, j, bh, bw = RandomResizedCrop.get_params(torch.empty(1, h, w), (2.0, 2.0), (3 / 4, 4 / 3))
+    assert torch.equal(boxes, torch.tensor([[j, i, j + bw, i + bh]] * 64, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (2, 2), (2, 3)])
+def test_box_sizes_on_tiny_images_follow_torchvision(h, w):
+    # a few-pixel image: rounded boxes of width or height 0 must be rejected and those of 1
+    # kept, as torchvision does (on 2×2, 44% of boxes are 1×1)
+    n = 20000
+    _, _, bw, bh = ours(h, w, n)
+    _, _, rw, rh = reference(h, w, n)
+    sizes = sorted(set(zip(rw, rh)) | set(zip(bw, bh)))
+    freq = lambda a, b: np.array([np.mean((a == sw) & (b == sh)) for sw, sh in sizes])  # noqa
+    assert np.all(bw >= 1) and np.all(bh >= 1)
+    assert np.abs(freq(bw, bh) - freq(rw, rh)).max() < 0.02, (sizes, freq(bw, bh), freq(rw, rh))
