@@ -102,10 +102,15 @@ class Stages:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         const = lambda name: self._consts.get(name, images.device, self.dtype)  # noqa: E731
-        if self.engine_normalizes:
+        if self.engine_normalizes and not self.before:
             x = images
         elif self.before:
-            x = images.to(self.dtype).mul_(1 / 255)
+            if self.engine_normalizes:
+                # ops that need [0, 1] pixels were added after the loader let the engine
+                # normalize: undo it (exact up to float rounding: the values were uint8 ones)
+                x = images.sub(const("shift")).div_(const("scale") * 255)
+            else:
+                x = images.to(self.dtype).mul_(1 / 255)
             for op in self.before:
                 x = op(x, gen)
             x = x.sub_(const("mean")).div_(const("std"))

@@ -306,3 +306,14 @@ def test_kept_batches_are_never_overwritten(shapes_records):
     for a, b in zip(kept, again):  # `again`'s batches are dropped at once: reused buffers
         torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
     assert len({k.images.data_ptr() for k in kept}) == len(kept)
+
+
+def test_augment_ops_added_after_the_loader_still_run(shapes_records):
+    """The engine normalizes when the loader is built without [0, 1]-pixel ops; one appended
+    later must still see [0, 1] pixels (the stage undoes the engine's normalize for it)."""
+    from tricks.pipeline.augment import ColorJitter
+    late = _loader(shapes_records, seed=2)
+    late.stages.augment.append(ColorJitter(0.9, 0.0, 0.0))
+    early = _loader(shapes_records, seed=2, augment=[ColorJitter(0.9, 0.0, 0.0)])
+    assert not early.stages.engine_normalizes
+    torch.testing.assert_close(_first(late).images, _first(early).images, rtol=0, atol=1e-5)

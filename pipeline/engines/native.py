@@ -403,6 +403,7 @@ class NativeEngine:
             yield images, labels
 
     def close(self) -> None:
+        self._buffers.clear()
         if self._loader is not None:
             it = getattr(self._loader, "_iterator", None)
             if it is not None:
