@@ -37,7 +37,7 @@ class HostBuffers:
         return _use_count(b) == self._free_count[id(b)]
 
     def _drop(self, b: torch.Tensor) -> None:
-        self.buffers.remove(b)
+        self.buffers = [x for x in self.buffers if x is not b]  # by identity: == is elementwise
         del self._free_count[id(b)]
 
     def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
