@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import sys
 from pathlib import Path
 
@@ -356,13 +357,17 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.no_ceiling:
                     runners.append(("decode-ceiling", False, _CeilingRun(records, workers)))
                 windows: dict[str, list[float]] = {label: [] for label, _, _ in runners}
+                # the machine's 1-minute load average around the cell's windows: on a shared
+                # host it says how much other work the workers competed with
+                load = [os.getloadavg()[0]]
                 for round_ in range(args.runs + 1):  # round 0 warms up (workers, numba, caches)
                     for label, _, r in runners:
                         n, seconds = r.epoch()
                         if round_:
                             windows[label].append(n / seconds)
+                load.append(os.getloadavg()[0])
                 for label, stack, r in runners:
-                    extra = dict(cell, **r.extra())
+                    extra = dict(cell, load_average=[round(v, 2) for v in load], **r.extra())
                     extra["stack"] = "jitter+lighting+erasing+mixup" if stack else None
                     e = entry(label, extra, windows[label])
                     e["per_worker"] = e["median"] / workers
@@ -416,17 +421,22 @@ def write_loader_report(json_path: Path) -> tuple[Path, Path]:
     names = list(dict.fromkeys(r["name"] for r in res))
     med = {(r["settings"]["storage"], r["settings"]["size"], r["settings"]["workers"],
             r["name"]): r["median"] for r in res}
+    load = {(r["settings"]["storage"], r["settings"]["size"], r["settings"]["workers"]):
+            r["settings"]["load_average"] for r in res if "load_average" in r["settings"]}
     others = [n for n in ("ffcv", "dali", "torchvision", "decode-ceiling") if n in names]
     lines = [f"# Loader throughput ({doc['device']})", "",
              f"{doc['time']}, commit {doc['commit']}; batch {doc['settings']['batch']}, "
              f"{doc['settings']['images']} images ({doc['settings']['data']}); "
              f"{doc['settings']['dtype']} normalized output; median of "
-             f"{doc['settings']['timed_windows']} interleaved windows. images/s (per worker).", ""]
+             f"{doc['settings']['timed_windows']} interleaved windows. images/s (per worker)"
+             + ("; load average: the machine's 1-minute load before and after the cell "
+                "(these runs' own threads included)." if load else "."), ""]
     for workers in dict.fromkeys(c[2] for c in cells):
         lines += [f"## {workers} worker{'s' if workers > 1 else ''}", "",
                   "| crop, storage | " + " | ".join(names) + " | " +
-                  " | ".join(f"native ÷ {o}" for o in others) + " |",
-                  "|---" * (1 + len(names) + len(others)) + "|"]
+                  " | ".join(f"native ÷ {o}" for o in others) +
+                  (" | load average |" if load else " |"),
+                  "|---" * (1 + len(names) + len(others) + bool(load)) + "|"]
         for storage, size, w in cells:
             if w != workers:
                 continue
@@ -438,6 +448,8 @@ def write_loader_report(json_path: Path) -> tuple[Path, Path]:
             for o in others:
                 v = med.get((storage, size, w, o))
                 row.append(f"{nat / v:.2f}" if nat and v else "")
+            if load:
+                row.append("–".join(f"{v:.1f}" for v in load.get((storage, size, w), [])))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     md = Path(json_path).with_suffix(".md")

@@ -24,13 +24,15 @@ def test_loader_benchmark_writes_valid_results(tmp_path, capsys):
         assert min(r["windows"]) <= r["median"] <= max(r["windows"])
         assert r["unit"] == "images/s"
         assert r["per_worker"] == r["median"] / r["settings"]["workers"]
+        before, after = r["settings"]["load_average"]  # the shared machine's load, recorded
+        assert before >= 0 and after >= 0
     native = [r for r in doc["results"] if r["name"] == "native"]
     assert all(r["settings"]["decode"] == "workers" for r in native)
     pillow = [r for r in doc["results"] if r["name"] == "native-pillow"]
     assert all(r["settings"]["cpu_decoder"] == "pillow" and r["settings"]["pillow_images"] > 0
                for r in pillow)
     md = (tmp_path / "loader.md").read_text()
-    assert "## 2 workers" in md and "native ÷ decode-ceiling" in md
+    assert "## 2 workers" in md and "native ÷ decode-ceiling | load average |" in md
     assert (tmp_path / "loader.png").stat().st_size > 0
 
 
