@@ -42,7 +42,7 @@ else
   images=8192 workers=14 many_workers=16 size=() timing=(--warmup 8 --windows 5 --steps 6)
   batches=() main=resnet50,resnet50d rest=inception_v3,mobilenet_v1,resnet18
   compile_model=resnet50
-  loader=(--images 8192 --batch 256 --runs 3) augment=() tests=(tests)
+  loader=(--images 4096 --batch 256 --runs 3) augment=() tests=(tests)
 fi
 mkdir -p "$OUT"
 R=$(mktemp -d)/part-$part
@@ -122,10 +122,10 @@ b)
   table compile table3-b-compile.md
   ;;
 c)
-  # tests ~90 s; JPEGs ~60 s unless part a left them; loader 3 runs × engines ~90 s; the native
-  # CPU decode with 16 workers ~40 s; augment ~30 s
+  # tests ~90 s; loader (photographs: making 4,096 ~60 s, then 4 cells × 5 engines × 4 windows
+  # and their set-up) ~180 s; the native CPU decode with 16 workers ~40 s; augment ~30 s. The
+  # loader JSONs are written after each cell, so a kill keeps the finished cells.
   stage cuda-tests $py -m pytest -q -rs -m gpu -p no:cacheprovider "${tests[@]}"
-  stage jpegs jpegs
   stage loader $py -m tricks.benchmarks.loader "${loader[@]}" --workers "$workers" \
     --out "$R/loader"
   stage loader-cpu-decode $py -m tricks.benchmarks.loader "${loader[@]}" --engines native \
