@@ -124,3 +124,33 @@ def test_sharded_evaluation_counts_every_image_once(tmp_path):
         assert p.returncode == 0, err[-3000:]
         ids += json.loads(out.strip().splitlines()[-1])
     assert sorted(ids) == [0, 1, 2, 3, 4]
+
+
+CLOSE_TWO_SIZES = """
+import sys
+from tricks.pipeline import Loader
+loaders = []
+for size in (24, 16):  # a second compiled pipeline, for another output size
+    loader = Loader(sys.argv[1], "train", 8, image_size=size, engine="ffcv", workers=1)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            pass
+    loaders.append(loader)
+for loader in loaders:
+    loader.close()
+import gc
+gc.collect()  # the program goes on, and its garbage is collected
+print("closed", flush=True)
+"""
+
+
+def test_closing_loaders_prints_no_numba_finalizer_traceback(beton_root):
+    """numba's dispatcher finalizer raised KeyError ("Exception ignored in: <finalize object …>"
+    and a traceback on stderr) when FFCV loaders of two output sizes were collected."""
+    root, _ = beton_root
+    out = subprocess.run([sys.executable, "-c", CLOSE_TWO_SIZES, str(root)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "closed" in out.stdout, out.stderr[-3000:]
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, \
+        out.stderr[-3000:]

@@ -14,6 +14,9 @@ to its worker count: the caller's count is put back each time.
 """
 from __future__ import annotations
 
+import gc
+import sys
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
@@ -115,4 +118,38 @@ class FfcvEngine:
                 yield images, labels.long().reshape(-1)
 
     def close(self) -> None:
+        """Drop FFCV's loader and collect its compiled pipeline now, where a known numba
+        finalizer error is silenced (see ``_numba_finalizer_errors_silenced``)."""
+        if self.loader is None:
+            return
         self.loader = None
+        with _numba_finalizer_errors_silenced():
+            gc.collect()
+
+
+@contextmanager
+def _numba_finalizer_errors_silenced():
+    """While collecting a closed FFCV loader, drop one known, harmless error: numba's dispatcher
+    finalizer (seen with numba 0.68) raises ``KeyError`` iterating the overloads of FFCV's
+    generated pipeline functions when a second loader with another output size has compiled
+    its own, and Python prints it as "Exception ignored in:
+    <finalize object …>" with a traceback. The finalizer only unregisters compiled functions
+    from numba's target context, so nothing leaks that matters; every other unraisable error
+    goes to the previous hook unchanged."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        tb, last = unraisable.exc_traceback, None
+        while tb is not None:
+            last, tb = tb, tb.tb_next
+        code = last.tb_frame.f_code if last is not None else None
+        if (isinstance(unraisable.exc_value, KeyError) and code is not None
+                and code.co_name == "finalizer" and "numba" in code.co_filename):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
