@@ -12,13 +12,14 @@ tree is never touched), and reports the mutants no test kills.
 machine). Results go to ``--out`` as JSON (every mutant, its line, its outcome).
 
 Test selection (mutmut's idea, done with a line tracer rather than coverage.py): the clean run
-records which lines of the module each test executes. A mutant inside a function body then runs
-only the tests that execute some line of that function, fastest first, so a killing test comes
-early and a survivor costs only the tests that could see it. A mutant outside any function body
-(module constants, class bodies, a ``def`` line's defaults: all evaluated at import) runs every
-test. Every survivor is then re-run against all the given tests in their own order before it is
-reported, so selection can only save time, never turn a kill into a survival (code run only in a
-worker process or an untraced thread is invisible to the tracer: the re-run covers it).
+records which lines of the module each test executes, and how long each test takes. A mutant
+inside a function body then runs only the tests that execute some line of that function,
+fastest first, so a killing test comes early and a survivor costs only the tests that could see
+it. A mutant outside any function body (module constants, class bodies, a ``def`` line's
+defaults: all evaluated at import) runs every test, fastest first. A survivor of a selection is
+re-run against all the given tests, in their own order, before it is reported: selection only
+saves time and never turns a kill into a survival (code run only in a worker process or an
+untraced thread is invisible to the tracer; the re-run covers it).
 ``--no-select`` runs every test against every mutant.
 """
 from __future__ import annotations
@@ -253,14 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.module}: {total} mutants, testing {len(todo)}; clean run {secs:.0f} s "
               f"({len(tracer.seconds)} tests, traced)", flush=True)
         scope = function_scopes(source)
+        everything = sorted(tracer.seconds, key=tracer.seconds.get)
         lines = source.splitlines()
         for k, m in enumerate(todo, 1):
             target.write_text(apply(source, m))
             chosen = None if args.no_select else select(scope(m["line"]), tracer)
             t0 = time.perf_counter()
             with quiet():
-                if chosen is None:
-                    m["outcome"], _ = run_tests(tree, tests, timeout)
+                if chosen is None:  # every test, fastest first
+                    m["outcome"], _ = run_tests(tree, tests, timeout, [_Only(everything)])
                 elif chosen:
                     m["outcome"], _ = run_tests(tree, tests, timeout, [_Only(chosen)])
                 else:

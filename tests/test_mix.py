@@ -115,7 +115,9 @@ def test_mixing_then_smoothing_equals_smoothing_the_mixed_targets():
     (lambda: Mixup(alpha=-1), "mixup alpha must be ≥ 0"),
     (lambda: Mixup(alpha=0), "mixup alpha must be > 0"),
     (lambda: CutMix(alpha=-0.5), "cutmix alpha"),
+    (lambda: CutMix(alpha=0), "cutmix alpha must be > 0"),  # Beta(0, 0) is no distribution
     (lambda: Ricap(beta=-0.3), "ricap beta must be ≥ 0"),
+    (lambda: Ricap(beta=0), "ricap beta must be > 0"),
 ])
 def test_bad_mix_settings_are_refused(make, message):
     with pytest.raises(OptionError, match=message):
