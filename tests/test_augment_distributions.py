@@ -90,3 +90,24 @@ def test_cutout_centre_is_uniform_over_the_image_and_the_hole_is_clipped():
     assert (y0 == 0).any() and (y1 == h).any() and (x0 == 0).any() and (x1 == w).any()
     full = (y1 - y0 == size) & (x1 - x0 == size)
     assert abs(float(full.double().mean()) - (h - size + 1) / h * (w - size + 1) / w) < 0.01
+
+
+def test_erasing_box_is_smaller_than_the_image_on_both_sides():
+    # Zhong et al. 2020 (Algorithm 1) and torchvision keep a box only if He < H and We < W.
+    # On a 3×3 image 15% of the drawn boxes are 3 pixels on a side: all must be refused
+    d = draw_erasing(20000, 3, 3, keyed_generator("erasing-strict"), p=1.0)
+    b = d.boxes[d.applied]
+    bh, bw = b[:, 1] - b[:, 0], b[:, 3] - b[:, 2]
+    assert int(bh.max()) == 2 and int(bw.max()) == 2  # 2-pixel sides are kept
+    assert int(bh.min()) >= 1 and int(bw.min()) >= 1
+
+
+def test_erasing_gives_up_after_torchvisions_ten_tries():
+    # torchvision's RandomErasing tries 10 boxes, then erases nothing. Square 100² image,
+    # aspect 1, area fraction s ~ U(0.9, 2.1): a try fits iff round(100√s) < 100, i.e.
+    # s < 0.990025, so q = 0.090025/1.2 per try and the erasing rate is 1 − (1 − q)^10 = 0.542
+    # (eleven tries 0.576, nine 0.505; standard error 0.0035)
+    d = draw_erasing(20000, 100, 100, keyed_generator("erasing-tries"), p=1.0, area=(0.9, 2.1),
+                     ratio=1.0)
+    q = (0.990025 - 0.9) / 1.2
+    assert abs(float(d.applied.double().mean()) - (1 - (1 - q) ** 10)) < 0.012
