@@ -5,9 +5,10 @@ import torch
 import torchvision.transforms.functional as TF
 
 from conftest import cuda
-from tricks.pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, Lighting, RandomErasing,
-                              apply_cutout, apply_erasing, apply_jitter, apply_lighting,
-                              draw_cutout, draw_erasing, draw_jitter, draw_lighting)
+from tricks.pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, ErasingDraw, Lighting,
+                                     RandomErasing, apply_cutout, apply_erasing, apply_jitter,
+                                     apply_lighting, draw_cutout, draw_erasing, draw_jitter,
+                                     draw_lighting)
 from tricks.pipeline.autoaugment import BatchAutoAugment
 from tricks.pipeline.errors import OptionError
 from tricks.pipeline.sampling import keyed_generator
@@ -40,6 +41,41 @@ def test_jitter_matches_torchvision_per_sample(random_order):
         for op in d.order[i].tolist():
             ref = tv_ops[op](ref, params[op][i])
         assert torch.allclose(ours[i], ref, atol=1e-5), i  # float32 rounding only
+
+
+def _torchvision_jitter(x, d):
+    """Each sample through torchvision's functional ops, in its drawn order."""
+    tv_ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    params = [d.brightness, d.contrast, d.saturation, d.hue]
+    out = []
+    for i in range(len(x)):
+        ref = x[i]
+        for op in d.order[i].tolist():
+            ref = tv_ops[op](ref, float(params[op][i]))
+        out.append(ref)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("order", [[1, 0, 3, 2], [3, 2, 1, 0], [0, 1, 2, 3]])
+def test_jitter_follows_an_order_shared_by_every_sample(order):
+    # torchvision applies the ops in the drawn permutation; a batch whose samples all drew the
+    # same order (each op moved, or none) must follow it like any other
+    x = _images(6)
+    d = draw_jitter(len(x), _gen(18), 0.4, 0.4, 0.4, 0.1)
+    d.order = torch.tensor(order).expand(len(x), 4)
+    assert torch.allclose(apply_jitter(x, d), _torchvision_jitter(x, d), atol=1e-5)
+
+
+@pytest.mark.parametrize("strengths", [(0.4, 0.3, 0.2, 0.1), (0.0, 0.3, 0.0, 0.1),
+                                       (0.4, 0.0, 0.2, 0.0)])
+@pytest.mark.parametrize("random_order", [False, True])
+def test_color_jitter_applies_each_op_with_a_nonzero_strength(strengths, random_order):
+    # the op draws as draw_jitter does from the same generator and applies every op whose
+    # strength is above 0 (the others draw factor 1 or shift 0: no change), as torchvision
+    x = _images(12)
+    out = ColorJitter(*strengths, random_order=random_order)(x, _gen(19))
+    d = draw_jitter(len(x), _gen(19), *strengths, random_order)
+    assert torch.allclose(out, _torchvision_jitter(x, d), atol=1e-5)
 
 
 def test_jitter_factors_are_per_sample_and_in_range():
@@ -253,10 +289,25 @@ def test_ops_run_in_half_precision(name, dtype):
     (lambda: ColorJitter(hue=0.51), "jitter hue must be in \\[0, 0.5\\]"),
     (lambda: Lighting(std=-1), "lighting std must be ≥ 0"),
     (lambda: BatchAutoAugment("nope"), "unknown AutoAugment policy"),
+    (lambda: Cutout(holes=0), "cutout needs ≥ 1 hole"),
+    (lambda: Cutout(size=0), "cutout needs ≥ 1 hole of side ≥ 1"),
+    (lambda: RandomErasing(area=(0.0, 0.4)), "erasing area must satisfy 0 < sl"),
+    (lambda: RandomErasing(area=(0.1, 1.0)), "erasing area must satisfy 0 < sl ≤ sh < 1"),
+    (lambda: RandomErasing(ratio=0.0), "erasing ratio r1 must be in \\(0, 1\\]"),
+    (lambda: RandomErasing(ratio=1.5), "erasing ratio r1 must be in \\(0, 1\\]"),
 ])
 def test_bad_settings_are_refused(make, message):
     with pytest.raises(OptionError, match=message):
         make()
+
+
+def test_settings_at_the_ends_of_their_ranges_are_accepted():
+    # torchvision's ColorJitter accepts 0 (no change) and 1 (factors down to 0); a 1-pixel
+    # Cutout hole; Zhong et al.'s erasing with sl = sh (a fixed area) and r1 = 1 (squares)
+    x = _images(8, 16, 16)
+    for op in (ColorJitter(0, 0, 0, 0), ColorJitter(1, 1, 1, 0.5), Cutout(1, 1),
+               RandomErasing(1.0, (0.3, 0.3), 1.0)):
+        assert op(x, _gen(20)).shape == x.shape
 
 
 def test_cutout_hole_larger_than_the_image_is_clipped_not_refused():
@@ -333,3 +384,46 @@ def test_op_defaults_are_the_papers_settings():
             a, b = default(x, _gen("defaults", k, j)), explicit(x, _gen("defaults", k, j))
             assert torch.equal(a, b), (k, j)
     ColorJitter(hue=0.5)  # torchvision's range for hue is [0, 0.5], both ends included
+
+
+def test_draw_defaults_are_the_papers_settings():
+    # the draw functions, called alone, draw what the ops' paper settings draw (see above):
+    # He et al.'s jitter has no hue and a fixed order, PCA noise σ = 0.1; one 16-px Cutout hole
+    # on every sample; Zhong et al.'s p 0.5, area [0.02, 0.4], r1 0.3 and torchvision's 10 tries
+    n = 64
+    pairs = [(lambda g: draw_jitter(n, g),
+              lambda g: draw_jitter(n, g, 0.4, 0.4, 0.4, 0.0, False)),
+             (lambda g: draw_lighting(n, g),
+              lambda g: draw_lighting(n, g, 0.1)),
+             (lambda g: draw_cutout(n, 32, 32, g),
+              lambda g: draw_cutout(n, 32, 32, g, 1, 16, 1.0)),
+             (lambda g: draw_erasing(n, 32, 32, g),
+              lambda g: draw_erasing(n, 32, 32, g, 0.5, (0.02, 0.4), 0.3, 10))]
+    for k, (default, explicit) in enumerate(pairs):
+        a, b = default(_gen("draw-defaults", k)), explicit(_gen("draw-defaults", k))
+        fields = [a] if torch.is_tensor(a) else [getattr(a, f) for f in vars(a)]
+        wants = [b] if torch.is_tensor(b) else [getattr(b, f) for f in vars(b)]
+        assert all(torch.equal(u, v) for u, v in zip(fields, wants)), k
+
+
+def test_erasing_random_fill_is_uniform_noise_with_or_without_a_generator():
+    # Zhong et al.: erased pixels take random values in [0, 1] (uniform, as torchvision's
+    # "random" fill); with no generator the global one is used
+    x = torch.full((64, 3, 40, 40), 0.5)
+    d = draw_erasing(64, 40, 40, _gen(21), p=1.0)
+    for gen in (None, _gen(22)):
+        out = apply_erasing(x, d, "random", gen=gen)
+        inside = ~torch.isclose(out, torch.full_like(out, 0.5))
+        vals = out[inside]
+        assert vals.numel() > 10000 and vals.min() >= 0 and vals.max() <= 1
+        assert abs(float(vals.mean()) - 0.5) < 0.01 and abs(float(vals.var()) - 1 / 12) < 0.005
+
+
+def test_erasing_noise_of_different_batches_is_different():
+    # each batch seeds its fill noise from its own key with a 62-bit seed: 400 batches give 400
+    # different noise fields (a seed range of a few hundred values repeats them)
+    x = torch.full((1, 3, 8, 8), 0.5)
+    d = ErasingDraw(torch.tensor([[0, 8, 0, 8]]), torch.tensor([True]))
+    first = {float(apply_erasing(x, d, "random", gen=_gen("noise", k))[0, 0, 0, 0])
+             for k in range(400)}
+    assert len(first) == 400
