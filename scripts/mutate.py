@@ -16,10 +16,10 @@ records which lines of the module each test executes, and how long each test tak
 inside a function body then runs only the tests that execute some line of that function,
 fastest first, so a killing test comes early and a survivor costs only the tests that could see
 it. A mutant outside any function body (module constants, class bodies, a ``def`` line's
-defaults: all evaluated at import) runs every test, fastest first. A survivor of a selection is
-re-run against all the given tests, in their own order, before it is reported: selection only
-saves time and never turns a kill into a survival (code run only in a worker process or an
-untraced thread is invisible to the tracer; the re-run covers it).
+defaults: all evaluated at import) runs every test, fastest first. A survivor of a selection then
+runs the tests left out, before it is reported: every survivor has passed every given test, so
+selection only saves time and never turns a kill into a survival (code run only in a worker
+process or an untraced thread is invisible to the tracer; the second run covers it).
 ``--no-select`` runs every test against every mutant.
 """
 from __future__ import annotations
@@ -268,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     m["outcome"] = "survived"  # no test executes this function
                 m["tests_run"] = "all" if chosen is None else len(chosen)
-                if m["outcome"] == "survived" and chosen is not None:
-                    m["outcome"], _ = run_tests(tree, tests, timeout)  # confirm with all
-                    m["confirmed_with_all"] = True
+                rest = [] if chosen is None else [t for t in everything if t not in chosen]
+                if m["outcome"] == "survived" and rest:  # confirm with the tests left out
+                    m["outcome"], _ = run_tests(tree, tests, timeout, [_Only(rest)])
+                    m["confirmed_with_the_rest"] = len(rest)
             m["seconds"] = time.perf_counter() - t0
             m["code"] = lines[m["line"] - 1].strip()
             print(f"[{k}/{len(todo)}] line {m['line']}: {m['old']!r} → {m['new']!r}: "
