@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
 from tricks.pipeline.sampling import (EpochPlan, area_ratio_boxes, center_boxes, epoch_order,
@@ -146,9 +147,11 @@ def test_box_sizes_on_tiny_images_follow_torchvision(h, w):
 
 def test_keyed_generators_are_distinct_streams_for_distinct_keys():
     # every (seed, epoch, batch) key seeds its own stream: 4000 keys give 4000 different first
-    # draws, uniform on [0, 1) (a seed mask of a few bits, e.g. 2*63 − 1 for 2**63 − 1, maps
-    # thousands of keys onto a few dozen streams)
-    first = np.array([float(torch.rand(1, generator=keyed_generator(0, e, b)))
+    # draws (float64: 4000 float32 draws would tie with probability ½), uniform on [0, 1) (a
+    # seed mask of a few bits, e.g. 2*63 − 1 for 2**63 − 1, maps thousands of keys onto a
+    # few dozen streams)
+    first = np.array([float(torch.rand(1, generator=keyed_generator(0, e, b),
+                                       dtype=torch.float64))
                       for e in range(40) for b in range(100)])
     assert len(set(first.tolist())) == len(first)
     assert ks(first, np.linspace(0, 1, 4001)[:-1] + 1 / 8000) < 0.03
@@ -223,6 +226,8 @@ def test_plan_ranks_together_cover_each_sample_once(n, batch, world, drop_last):
     want = n - n % batch if drop_last else n
     assert sorted(seen) == sorted(epoch_order(n, 1, 2, True)[:want].tolist())
     assert len(seen) == want
+    # and its length is torch's DataLoader's for the same batch size and drop_last
+    assert len(plan) == len(DataLoader(range(n), batch_size=batch, drop_last=drop_last))
 
 
 def test_plan_refuses_a_rank_outside_the_world():
