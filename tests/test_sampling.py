@@ -233,3 +233,19 @@ def test_plan_ranks_together_cover_each_sample_once(n, batch, world, drop_last):
 def test_plan_refuses_a_rank_outside_the_world():
     with pytest.raises(ValueError, match="rank 2 outside world size 2"):
         EpochPlan(8, 4, seed=0, train=True, drop_last=False, shuffle=True, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_plan_shifts_give_one_shift_per_sample_of_the_ranks_share(world):
+    # pad-and-crop: each rank gets exactly one (dx, dy) per record of its share of each global
+    # batch, the short last batch included, each in −pad..pad
+    n, batch, pad = 50, 12, 4
+    h = np.full(n, 32, np.uint32)
+    for rank in range(world):
+        plan = EpochPlan(n, batch, seed=7, train=True, drop_last=False, shuffle=True,
+                         rank=rank, world_size=world)
+        tasks = list(plan.tasks(1, h, h, 32))
+        assert tasks[-1].batch == len(plan) - 1 or rank >= n % batch  # 2 left for 3 ranks
+        for t in tasks:
+            s = plan.shifts(1, t.batch, pad)
+            assert s.shape == (len(t.indices), 2) and int(s.abs().max()) <= pad
