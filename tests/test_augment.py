@@ -6,9 +6,9 @@ import torchvision.transforms.functional as TF
 
 from conftest import cuda
 from tricks.pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, ErasingDraw, Lighting,
-                                     RandomErasing, apply_cutout, apply_erasing, apply_jitter,
-                                     apply_lighting, draw_cutout, draw_erasing, draw_jitter,
-                                     draw_lighting)
+                                     RandomErasing, adjust_hue, apply_cutout, apply_erasing,
+                                     apply_jitter, apply_lighting, draw_cutout, draw_erasing,
+                                     draw_jitter, draw_lighting)
 from tricks.pipeline.autoaugment import BatchAutoAugment
 from tricks.pipeline.errors import OptionError
 from tricks.pipeline.sampling import keyed_generator
@@ -76,6 +76,18 @@ def test_color_jitter_applies_each_op_with_a_nonzero_strength(strengths, random_
     out = ColorJitter(*strengths, random_order=random_order)(x, _gen(19))
     d = draw_jitter(len(x), _gen(19), *strengths, random_order)
     assert torch.allclose(out, _torchvision_jitter(x, d), atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [-1e-9, 1e-9, -0.5, 0.5])
+def test_hue_rotation_wraps_around_the_circle_as_torchvision(shift):
+    # hue is an angle: red (hue 0) shifted by −1e-9 lands on 1 − 1e-9, which float32 rounds to
+    # one whole turn (h·6 = 6, the seventh sextant): it must read as hue 0 again, not fail
+    colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.2, 0.4, 0.9], [0.5, 0.5, 0.5],
+                            [1.0, 0, 0.5]])
+    x = colours.view(5, 3, 1, 1).expand(5, 3, 2, 2).contiguous()
+    out = adjust_hue(x, torch.full((5,), shift))
+    ref = torch.stack([TF.adjust_hue(x[i], shift) for i in range(5)])
+    assert torch.allclose(out, ref, atol=1e-5)
 
 
 def test_jitter_factors_are_per_sample_and_in_range():
