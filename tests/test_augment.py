@@ -1,13 +1,19 @@
 """Each augment op against a reference: torchvision's functional op per sample with the same
-drawn parameters, or the op's defining property on images built to show it."""
+drawn parameters, or the op's defining property on images built to show it; and each op's
+random draw against its definition (last section): a statistic with a tolerance that a
+plausible mistake (square boxes, a uniform instead of log-uniform ratio, a range off by one, a
+factor range not centred on 1) falls outside."""
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from torchvision.transforms import RandomErasing as TVRandomErasing
 
 from conftest import cuda
-from tricks.pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, Lighting, RandomErasing,
-                              apply_cutout, apply_erasing, apply_jitter, apply_lighting,
-                              draw_cutout, draw_erasing, draw_jitter, draw_lighting)
+from tricks.pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, ErasingDraw, Lighting,
+                                     RandomErasing, adjust_hue, apply_cutout, apply_erasing,
+                                     apply_jitter, apply_lighting, draw_cutout, draw_erasing,
+                                     draw_jitter, draw_lighting)
 from tricks.pipeline.autoaugment import BatchAutoAugment
 from tricks.pipeline.errors import OptionError
 from tricks.pipeline.sampling import keyed_generator
@@ -40,6 +46,53 @@ def test_jitter_matches_torchvision_per_sample(random_order):
         for op in d.order[i].tolist():
             ref = tv_ops[op](ref, params[op][i])
         assert torch.allclose(ours[i], ref, atol=1e-5), i  # float32 rounding only
+
+
+def _torchvision_jitter(x, d):
+    """Each sample through torchvision's functional ops, in its drawn order."""
+    tv_ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    params = [d.brightness, d.contrast, d.saturation, d.hue]
+    out = []
+    for i in range(len(x)):
+        ref = x[i]
+        for op in d.order[i].tolist():
+            ref = tv_ops[op](ref, float(params[op][i]))
+        out.append(ref)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("order", [[1, 0, 3, 2], [3, 2, 1, 0], [0, 1, 2, 3]])
+def test_jitter_follows_an_order_shared_by_every_sample(order):
+    # torchvision applies the ops in the drawn permutation; a batch whose samples all drew the
+    # same order (each op moved, or none) must follow it like any other
+    x = _images(6)
+    d = draw_jitter(len(x), _gen(18), 0.4, 0.4, 0.4, 0.1)
+    d.order = torch.tensor(order).expand(len(x), 4)
+    assert torch.allclose(apply_jitter(x, d), _torchvision_jitter(x, d), atol=1e-5)
+
+
+@pytest.mark.parametrize("strengths", [(0.4, 0.3, 0.2, 0.1), (0.0, 0.3, 0.0, 0.1),
+                                       (0.4, 0.0, 0.2, 0.0)])
+@pytest.mark.parametrize("random_order", [False, True])
+def test_color_jitter_applies_each_op_with_a_nonzero_strength(strengths, random_order):
+    # the op draws as draw_jitter does from the same generator and applies every op whose
+    # strength is above 0 (the others draw factor 1 or shift 0: no change), as torchvision
+    x = _images(12)
+    out = ColorJitter(*strengths, random_order=random_order)(x, _gen(19))
+    d = draw_jitter(len(x), _gen(19), *strengths, random_order)
+    assert torch.allclose(out, _torchvision_jitter(x, d), atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [-1e-9, 1e-9, -0.5, 0.5])
+def test_hue_rotation_wraps_around_the_circle_as_torchvision(shift):
+    # hue is an angle: red (hue 0) shifted by −1e-9 lands on 1 − 1e-9, which float32 rounds to
+    # one whole turn (h·6 = 6, the seventh sextant): it must read as hue 0 again, not fail
+    colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.2, 0.4, 0.9], [0.5, 0.5, 0.5],
+                            [1.0, 0, 0.5]])
+    x = colours.view(5, 3, 1, 1).expand(5, 3, 2, 2).contiguous()
+    out = adjust_hue(x, torch.full((5,), shift))
+    ref = torch.stack([TF.adjust_hue(x[i], shift) for i in range(5)])
+    assert torch.allclose(out, ref, atol=1e-5)
 
 
 def test_jitter_factors_are_per_sample_and_in_range():
@@ -253,10 +306,25 @@ def test_ops_run_in_half_precision(name, dtype):
     (lambda: ColorJitter(hue=0.51), "jitter hue must be in \\[0, 0.5\\]"),
     (lambda: Lighting(std=-1), "lighting std must be ≥ 0"),
     (lambda: BatchAutoAugment("nope"), "unknown AutoAugment policy"),
+    (lambda: Cutout(holes=0), "cutout needs ≥ 1 hole"),
+    (lambda: Cutout(size=0), "cutout needs ≥ 1 hole of side ≥ 1"),
+    (lambda: RandomErasing(area=(0.0, 0.4)), "erasing area must satisfy 0 < sl"),
+    (lambda: RandomErasing(area=(0.1, 1.0)), "erasing area must satisfy 0 < sl ≤ sh < 1"),
+    (lambda: RandomErasing(ratio=0.0), "erasing ratio r1 must be in \\(0, 1\\]"),
+    (lambda: RandomErasing(ratio=1.5), "erasing ratio r1 must be in \\(0, 1\\]"),
 ])
 def test_bad_settings_are_refused(make, message):
     with pytest.raises(OptionError, match=message):
         make()
+
+
+def test_settings_at_the_ends_of_their_ranges_are_accepted():
+    # torchvision's ColorJitter accepts 0 (no change) and 1 (factors down to 0); a 1-pixel
+    # Cutout hole; Zhong et al.'s erasing with sl = sh (a fixed area) and r1 = 1 (squares)
+    x = _images(8, 16, 16)
+    for op in (ColorJitter(0, 0, 0, 0), ColorJitter(1, 1, 1, 0.5), Cutout(1, 1),
+               RandomErasing(1.0, (0.3, 0.3), 1.0)):
+        assert op(x, _gen(20)).shape == x.shape
 
 
 def test_cutout_hole_larger_than_the_image_is_clipped_not_refused():
@@ -333,3 +401,149 @@ def test_op_defaults_are_the_papers_settings():
             a, b = default(x, _gen("defaults", k, j)), explicit(x, _gen("defaults", k, j))
             assert torch.equal(a, b), (k, j)
     ColorJitter(hue=0.5)  # torchvision's range for hue is [0, 0.5], both ends included
+
+
+def test_draw_defaults_are_the_papers_settings():
+    # the draw functions, called alone, draw what the ops' paper settings draw (see above):
+    # He et al.'s jitter has no hue and a fixed order, PCA noise σ = 0.1; one 16-px Cutout hole
+    # on every sample; Zhong et al.'s p 0.5, area [0.02, 0.4], r1 0.3 and torchvision's 10 tries
+    n = 64
+    pairs = [(lambda g: draw_jitter(n, g),
+              lambda g: draw_jitter(n, g, 0.4, 0.4, 0.4, 0.0, False)),
+             (lambda g: draw_lighting(n, g),
+              lambda g: draw_lighting(n, g, 0.1)),
+             (lambda g: draw_cutout(n, 32, 32, g),
+              lambda g: draw_cutout(n, 32, 32, g, 1, 16, 1.0)),
+             (lambda g: draw_erasing(n, 32, 32, g),
+              lambda g: draw_erasing(n, 32, 32, g, 0.5, (0.02, 0.4), 0.3, 10))]
+    for k, (default, explicit) in enumerate(pairs):
+        a, b = default(_gen("draw-defaults", k)), explicit(_gen("draw-defaults", k))
+        fields = [a] if torch.is_tensor(a) else [getattr(a, f) for f in vars(a)]
+        wants = [b] if torch.is_tensor(b) else [getattr(b, f) for f in vars(b)]
+        assert all(torch.equal(u, v) for u, v in zip(fields, wants)), k
+
+
+def test_erasing_random_fill_is_uniform_noise_with_or_without_a_generator():
+    # Zhong et al.: erased pixels take random values in [0, 1] (uniform, as torchvision's
+    # "random" fill); with no generator the global one is used
+    x = torch.full((64, 3, 40, 40), 0.5)
+    d = draw_erasing(64, 40, 40, _gen(21), p=1.0)
+    for gen in (None, _gen(22)):
+        out = apply_erasing(x, d, "random", gen=gen)
+        inside = ~torch.isclose(out, torch.full_like(out, 0.5))
+        vals = out[inside]
+        assert vals.numel() > 10000 and vals.min() >= 0 and vals.max() <= 1
+        assert abs(float(vals.mean()) - 0.5) < 0.01 and abs(float(vals.var()) - 1 / 12) < 0.005
+
+
+def test_erasing_noise_of_different_batches_is_different():
+    # each batch seeds its fill noise from its own key with a 62-bit seed: 400 batches give 400
+    # different noise fields (a seed range of a few hundred values repeats them)
+    x = torch.full((1, 3, 8, 8), 0.5)
+    d = ErasingDraw(torch.tensor([[0, 8, 0, 8]]), torch.tensor([True]))
+    # (the first four values of each: single float32 values of 400 fields tie with p = 0.005)
+    first = {tuple(apply_erasing(x, d, "random", gen=_gen("noise", k))[0, 0, 0, :4].tolist())
+             for k in range(400)}
+    assert len(first) == 400
+
+
+# --- distributions of the draws -------------------------------------------------------------
+
+def ks(a, b) -> float:
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    grid = np.concatenate([a, b])
+    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / len(a)
+                               - np.searchsorted(b, grid, "right") / len(b))))
+
+
+def ks_uniform(x, lo, hi) -> float:
+    x = np.sort(np.asarray(x, float))
+    n = len(x)
+    cdf = np.clip((x - lo) / (hi - lo), 0, 1)
+    return float(max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n)))
+
+
+def erasing_reference(h, w, n, area=(0.02, 0.4), r1=0.3):
+    """torchvision's TVRandomErasing.get_params (Zhong et al. 2020 as torchvision draws it)."""
+    torch.manual_seed(0)
+    img = torch.zeros(3, h, w)
+    out = []
+    for _ in range(n):
+        i, j, eh, ew, _ = TVRandomErasing.get_params(img, area, (r1, 1 / r1), [0.0])
+        out.append((i, j, eh, ew))
+    return np.array(out, float)
+
+
+@pytest.mark.parametrize("h,w", [(100, 100), (60, 90)])
+def test_erasing_boxes_have_torchvisions_aspect_area_and_position(h, w):
+    n = 5000
+    d = draw_erasing(4 * n, h, w, keyed_generator("erasing", h, w), p=1.0)
+    assert bool(d.applied.all())
+    b = d.boxes.double().numpy()
+    bh, bw = b[:, 1] - b[:, 0], b[:, 3] - b[:, 2]
+    ref = erasing_reference(h, w, n)
+    rh, rw = ref[:, 2], ref[:, 3]
+    # not square: forcing square boxes puts every log(h/w) at 0 (KS ≈ 0.5)
+    assert np.mean(bh != bw) > 0.85
+    assert ks(np.log(bh / bw), np.log(rh / rw)) < 0.03
+    # log-uniform aspect: as many tall boxes as torchvision (on a square image, as many tall
+    # as wide; a uniform ratio in [0.3, 3.33] makes about 77% of them tall)
+    assert abs(np.mean(bh > bw) - np.mean(rh > rw)) < 0.03
+    assert ks(bh * bw / (h * w), rh * rw / (h * w)) < 0.03
+    assert ks(b[:, 0] + bh / 2, ref[:, 0] + rh / 2) < 0.03
+    assert ks(b[:, 2] + bw / 2, ref[:, 1] + rw / 2) < 0.03
+
+
+def test_erasing_rate_is_p():
+    for p in (0.25, 0.5, 0.9):
+        d = draw_erasing(20000, 64, 64, keyed_generator("rate", p), p=p)
+        assert abs(float(d.applied.double().mean()) - p) < 0.015
+
+
+@pytest.mark.parametrize("name,b", [("brightness", 0.4), ("contrast", 0.3), ("saturation", 0.2)])
+def test_jitter_factors_are_uniform_in_one_minus_b_one_plus_b(name, b):
+    d = draw_jitter(20000, keyed_generator("jitter"), brightness=0.4, contrast=0.3,
+                    saturation=0.2, hue=0.1)
+    f = getattr(d, name).numpy()
+    assert ks_uniform(f, 1 - b, 1 + b) < 0.015
+    h = d.hue.numpy()
+    assert ks_uniform(h, -0.1, 0.1) < 0.015
+
+
+def test_cutout_centre_is_uniform_over_the_image_and_the_hole_is_clipped():
+    # DeVries & Taylor 2017: the centre is drawn uniformly over the image and the square is
+    # clipped at the border, so the kept hole area is a known average (computed exactly here)
+    n, h, w, size = 40000, 20, 30, 8
+    d = draw_cutout(n, h, w, keyed_generator("cutout"), holes=1, size=size)
+    y0, y1, x0, x1 = d.boxes[:, 0].double().unbind(-1)
+    area = ((y1 - y0) * (x1 - x0)).numpy()
+
+    def kept(extent):  # mean clipped side over centres c = 0..extent−1
+        return np.mean([min(c - size // 2 + size, extent) - max(c - size // 2, 0)
+                        for c in range(extent)])
+    assert abs(area.mean() - kept(h) * kept(w)) < 0.3
+    # every centre is possible: holes touch both borders on both axes
+    assert (y0 == 0).any() and (y1 == h).any() and (x0 == 0).any() and (x1 == w).any()
+    full = (y1 - y0 == size) & (x1 - x0 == size)
+    assert abs(float(full.double().mean()) - (h - size + 1) / h * (w - size + 1) / w) < 0.01
+
+
+def test_erasing_box_is_smaller_than_the_image_on_both_sides():
+    # Zhong et al. 2020 (Algorithm 1) and torchvision keep a box only if He < H and We < W.
+    # On a 3×3 image 15% of the drawn boxes are 3 pixels on a side: all must be refused
+    d = draw_erasing(20000, 3, 3, keyed_generator("erasing-strict"), p=1.0)
+    b = d.boxes[d.applied]
+    bh, bw = b[:, 1] - b[:, 0], b[:, 3] - b[:, 2]
+    assert int(bh.max()) == 2 and int(bw.max()) == 2  # 2-pixel sides are kept
+    assert int(bh.min()) >= 1 and int(bw.min()) >= 1
+
+
+def test_erasing_gives_up_after_torchvisions_ten_tries():
+    # torchvision's RandomErasing tries 10 boxes, then erases nothing. Square 100² image,
+    # aspect 1, area fraction s ~ U(0.9, 2.1): a try fits iff round(100√s) < 100, i.e.
+    # s < 0.990025, so q = 0.090025/1.2 per try and the erasing rate is 1 − (1 − q)^10 = 0.542
+    # (eleven tries 0.576, nine 0.505; standard error 0.0035)
+    d = draw_erasing(20000, 100, 100, keyed_generator("erasing-tries"), p=1.0, area=(0.9, 2.1),
+                     ratio=1.0)
+    q = (0.990025 - 0.9) / 1.2
+    assert abs(float(d.applied.double().mean()) - (1 - (1 - q) ** 10)) < 0.012

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
 from tricks.pipeline.sampling import (EpochPlan, area_ratio_boxes, center_boxes, epoch_order,
@@ -142,3 +143,109 @@ def test_box_sizes_on_tiny_images_follow_torchvision(h, w):
     freq = lambda a, b: np.array([np.mean((a == sw) & (b == sh)) for sw, sh in sizes])  # noqa
     assert np.all(bw >= 1) and np.all(bh >= 1)
     assert np.abs(freq(bw, bh) - freq(rw, rh)).max() < 0.02, (sizes, freq(bw, bh), freq(rw, rh))
+
+
+def test_keyed_generators_are_distinct_streams_for_distinct_keys():
+    # every (seed, epoch, batch) key seeds its own stream: 4000 keys give 4000 different first
+    # draws (float64: 4000 float32 draws would tie with probability ½), uniform on [0, 1) (a
+    # seed mask of a few bits, e.g. 2*63 − 1 for 2**63 − 1, maps thousands of keys onto a
+    # few dozen streams)
+    first = np.array([float(torch.rand(1, generator=keyed_generator(0, e, b),
+                                       dtype=torch.float64))
+                      for e in range(40) for b in range(100)])
+    assert len(set(first.tolist())) == len(first)
+    assert ks(first, np.linspace(0, 1, 4001)[:-1] + 1 / 8000) < 0.03
+
+
+def test_fallback_comes_after_torchvisions_ten_tries():
+    # RandomResizedCrop (torchvision) tries 10 boxes before falling back to the whole image.
+    # Square image 100², ratio 1, area fraction s ~ U(0.9, 2.1): a try fits iff round(100√s) ≤
+    # 100, i.e. s < 1.010025, so p = 0.110025/1.2 per try; the whole image comes out on a
+    # fallback ((1 − p)^10 = 0.382) or on a fitting try with s ≥ 0.990025 (a fifth of fits):
+    # 0.494. Eleven tries give 0.466, nine 0.524; the standard error here is 0.0035
+    n = 20000
+    _, _, bw, bh = ours(100, 100, n, scale=(0.9, 2.1), ratio=(1.0, 1.0), seed=4)
+    p = (1.010025 - 0.9) / 1.2
+    fall = (1 - p) ** 10
+    want = fall + (1 - fall) * (1.010025 - 0.990025) / (1.010025 - 0.9)
+    assert abs(np.mean((bw == 100) & (bh == 100)) - want) < 0.012
+
+
+def test_area_aspect_and_position_are_drawn_independently():
+    # torchvision draws the area, log-ratio and both offsets from separate uniforms; tiny boxes
+    # fit on the first try, so each drawn uniform can be read back from the box (one uniform
+    # used twice makes two of them perfectly correlated with the same marginals)
+    n, side = 20000, 4000
+    u = torch.rand(n, 1, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x0, y0, bw, bh, ok = area_ratio_boxes(torch.full((n,), side), torch.full((n,), side), u,
+                                          (0.01, 0.02), (0.5, 2.0))
+    assert bool(ok.all())
+    area = (bw * bh / side ** 2).numpy()
+    log_r = torch.log(bw / bh).numpy()
+    fy = (y0 / (side - bh + 1)).numpy()
+    fx = (x0 / (side - bw + 1)).numpy()
+    c = np.corrcoef([area, log_r, fy, fx])
+    assert np.abs(c[np.triu_indices(4, 1)]).max() < 0.04, c
+    for f in (fy, fx):
+        assert ks(f, np.linspace(0, 1, n)) < 0.02
+
+
+def test_plan_defaults_are_torchvisions_and_the_papers():
+    # He et al. 2019 §2.1: RandomResizedCrop with torchvision's scale (0.08, 1) and ratio
+    # (3/4, 4/3); validation resizes the shorter side to 256 and centre-crops 224 (0.875)
+    import inspect
+    sig = inspect.signature(RandomResizedCrop.__init__).parameters
+    h = np.full(64, 300, np.uint32)
+    w = np.full(64, 500, np.uint32)
+    for train in (True, False):
+        default = EpochPlan(64, 32, seed=3, train=train, drop_last=False, shuffle=True)
+        explicit = EpochPlan(64, 32, seed=3, train=train, drop_last=False, shuffle=True,
+                             rank=0, world_size=1, scale=sig["scale"].default,
+                             ratio=sig["ratio"].default, crop_ratio=224 / 256)
+        a, b = list(default.tasks(0, h, w, 224)), list(explicit.tasks(0, h, w, 224))
+        assert len(a) == len(b) == 2
+        for ta, tb in zip(a, b):
+            assert np.array_equal(ta.indices, tb.indices) and np.allclose(ta.boxes, tb.boxes)
+
+
+@pytest.mark.parametrize("n,batch,world", [(103, 16, 1), (103, 16, 4), (6, 4, 4), (5, 8, 8)])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_plan_ranks_together_cover_each_sample_once(n, batch, world, drop_last):
+    # as torch's DistributedSampler without padding: over all ranks, an epoch holds every
+    # record once (a short last batch split as evenly as it goes, a rank with nothing to do
+    # skipped), or every record of the full batches once with drop_last
+    h = np.full(n, 40, np.uint32)
+    w = np.full(n, 50, np.uint32)
+    seen = []
+    for rank in range(world):
+        plan = EpochPlan(n, batch, seed=1, train=True, drop_last=drop_last, shuffle=True,
+                         rank=rank, world_size=world)
+        for t in plan.tasks(2, h, w, 32):
+            assert len(t.indices) <= batch // world
+            seen.extend(t.indices.tolist())
+    want = n - n % batch if drop_last else n
+    assert sorted(seen) == sorted(epoch_order(n, 1, 2, True)[:want].tolist())
+    assert len(seen) == want
+    # and its length is torch's DataLoader's for the same batch size and drop_last
+    assert len(plan) == len(DataLoader(range(n), batch_size=batch, drop_last=drop_last))
+
+
+def test_plan_refuses_a_rank_outside_the_world():
+    with pytest.raises(ValueError, match="rank 2 outside world size 2"):
+        EpochPlan(8, 4, seed=0, train=True, drop_last=False, shuffle=True, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_plan_shifts_give_one_shift_per_sample_of_the_ranks_share(world):
+    # pad-and-crop: each rank gets exactly one (dx, dy) per record of its share of each global
+    # batch, the short last batch included, each in −pad..pad
+    n, batch, pad = 50, 12, 4
+    h = np.full(n, 32, np.uint32)
+    for rank in range(world):
+        plan = EpochPlan(n, batch, seed=7, train=True, drop_last=False, shuffle=True,
+                         rank=rank, world_size=world)
+        tasks = list(plan.tasks(1, h, h, 32))
+        assert tasks[-1].batch == len(plan) - 1 or rank >= n % batch  # 2 left for 3 ranks
+        for t in tasks:
+            s = plan.shifts(1, t.batch, pad)
+            assert s.shape == (len(t.indices), 2) and int(s.abs().max()) <= pad
