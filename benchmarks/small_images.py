@@ -16,6 +16,9 @@ with overrides (an ablation of those differences), run in the same interleaved o
         --variant no-smoothing:train.label_smoothing=0 --variant no-pad:data.pad=0
     python -m tricks.benchmarks.small_images --tree /data/fashion-mnist-jpg   # train/ test/
 
+On a CPU shared with other jobs, set ``OMP_NUM_THREADS=1``: torch's threads wait on each other
+(on two loaded cores a width-8 step took 3.9 s with two threads, 0.49 s with one).
+
 Writes ``small_images-<dataset>-<epochs>ep.json`` (top-1 of every seed, their median, the
 top-1 after every epoch, wall seconds) under ``benchmarks/results/<device>/``; both sides
 evaluate after every epoch, so one run also gives the learning curves.
