@@ -1,7 +1,16 @@
-"""The small-image benchmark's ablation variants (``--variant NAME:KEY=V,…``)."""
-import pytest
+"""The small-image benchmark (the ``cifar`` preset against a plain loop) and its preset."""
+import json
+from pathlib import Path
 
-from tricks.benchmarks.small_images import _variant
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tricks.benchmarks.small_images import _variant, main
+from tricks.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
+from tricks.train.cli import config_path
+from tricks.train.config import load_config
 
 
 def test_variant_is_a_name_and_its_overrides():
@@ -14,3 +23,74 @@ def test_variant_is_a_name_and_its_overrides():
 def test_bad_variant_is_refused_naming_it(text, capsys):
     with pytest.raises(SystemExit, match="--variant"):
         _variant(text)
+
+
+def _tree(root: Path, per_split: dict, size: int = 32) -> Path:
+    """An ImageFolder tree of 2 classes of noise JPEGs (``size``²), ``per_split`` a class."""
+    rng = np.random.default_rng(0)
+    for split, n in per_split.items():
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for k in range(n):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{k}.jpg", quality=95)
+    return root
+
+
+def test_side_by_side_writes_every_epoch_under_a_name_with_the_epochs(tmp_path, capsys):
+    tree = _tree(tmp_path / "tree", {"train": 8, "test": 4})
+    out = tmp_path / "results"
+    assert main(["--tree", str(tree), "--name", "tiny", "--epochs", "2", "--batch", "8",
+                 "--width", "4", "--workers", "1", "--out", str(out)]) == 0
+    path = out / "small_images-tiny-2ep.json"  # a 5-epoch result keeps its own file
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["epochs"] == 2
+    sides = {r["name"]: r for r in doc["results"]}
+    assert set(sides) == {"preset", "plain"}
+    for r in sides.values():
+        curve, = r["settings"]["top1_per_epoch"]
+        assert len(curve) == 2 and all(0 <= a <= 1 for a in curve)
+        assert r["windows"] == [curve[-1]]  # the result is the top-1 after the last epoch
+
+
+def test_preset_pads_with_the_mean_not_black(tmp_path):
+    """He et al. 2016 §4.2 pad the mean-subtracted image, so the border is the mean (0 after
+    normalization), as in fb.resnet.torch (ColorNormalize, then RandomCrop(32, 4) with zeros);
+    black would reach the model as about −2 standard deviations."""
+    from tricks.pipeline.convert import convert
+    from tricks.train.data import make_loaders
+
+    root = tmp_path / "white"
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        for k in range(16):
+            Image.new("RGB", (32, 32), (255, 255, 255)).save(root / "train" / cls / f"{k}.jpg")
+    convert(root, tmp_path / "rec", workers=0, progress=False)
+    cfg = load_config([config_path("cifar")], [f"data.path={tmp_path / 'rec'}",
+                                               "data.workers=1", "train.batch=32",
+                                               "train.device=cpu"])
+    train, _ = make_loaders(cfg, tmp_path / "rec", torch.device("cpu"), torch.float32)
+    try:
+        images, _ = next(iter(train))
+    finally:
+        train.close()
+    white = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    border = (images - white.view(1, 3, 1, 1)).abs().amax(dim=1) > 0.5  # N×H×W: not image
+    assert border.sum() > 32 * 32  # the shifts moved most images
+    fill = images.permute(0, 2, 3, 1)[border]  # border pixels × 3 channels
+    assert fill.abs().max() < 0.2, f"border at {fill.mean(0).tolist()} std, not the mean"
+
+
+def test_each_side_reports_its_top1_after_the_last_epoch(tmp_path, monkeypatch, capsys):
+    import tricks.benchmarks.small_images as small_images
+    monkeypatch.setattr(small_images, "plain_loop", lambda cfg, *a: [0.1, 0.3 + cfg.train.seed])
+    monkeypatch.setattr(small_images, "preset_run", lambda cfg: [0.2, 0.4 + cfg.train.seed])
+    tree = _tree(tmp_path / "tree", {"train": 8, "test": 4})
+    assert main(["--tree", str(tree), "--name", "fake", "--epochs", "2", "--batch", "8",
+                 "--seeds", "2", "--workers", "1", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "small_images-fake-2ep.json").read_text())
+    sides = {r["name"]: r for r in doc["results"]}
+    assert sides["preset"]["windows"] == [0.4, 1.4]
+    assert sides["plain"]["windows"] == [0.3, 1.3]
+    assert sides["plain"]["settings"]["top1_per_epoch"] == [[0.1, 0.3], [0.1, 1.3]]
