@@ -18,6 +18,26 @@ from torch import nn
 Stem = Literal["standard", "deep", "cifar"]
 
 
+class StridedConv1x1(nn.Conv2d):
+    """A 1×1 convolution with stride s (no padding): on the CPU computed as the input subsampled
+    by s, then a stride-1 1×1 convolution, which is the same sum over the same pixels (shapes:
+    N×C×H×W → N×C'×⌈H/s⌉×⌈W/s⌉; parameters and state-dict keys those of ``nn.Conv2d``).
+
+    Why: oneDNN's strided 1×1 backward-weights kernel (its "reduce to unit stride" workspace)
+    is wrong for channels-last inputs with fewer input channels than its block
+    (uxlfoundation/oneDNN#6035). Measured here with torch 2.14.1 on an AVX2 CPU: 4 input
+    channels, 2 threads, weight gradient off by 49%; 1 thread, heap corruption and an abort.
+    Our narrow test and CPU models (width 4) have such a shortcut. Other devices use the
+    strided convolution itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.stride == (1, 1):
+            return super().forward(x)
+        sh, sw = self.stride
+        return nn.functional.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias, 1, 0,
+                                    self.dilation, self.groups)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -50,7 +70,7 @@ class Bottleneck(nn.Module):
                  stride_on_3x3: bool = True):
         super().__init__()
         s1, s3 = (1, stride) if stride_on_3x3 else (stride, 1)
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, s1, bias=False)
+        self.conv1 = StridedConv1x1(inplanes, planes, 1, s1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, s3, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -131,7 +151,8 @@ class ResNet(nn.Module):
                 downsample = nn.Sequential(pool, nn.Conv2d(self.inplanes, out, 1, bias=False),
                                            nn.BatchNorm2d(out))
             else:
-                downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride, bias=False),
+                downsample = nn.Sequential(StridedConv1x1(self.inplanes, out, 1, stride,
+                                                          bias=False),
                                            nn.BatchNorm2d(out))
         layers = [block(self.inplanes, planes, stride, downsample, self.stride_on_3x3)]
         self.inplanes = out

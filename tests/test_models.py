@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -119,3 +121,32 @@ def test_registry_rejects_duplicates_and_unknown_names():
         register("resnet50d", lambda **kw: None)
     with pytest.raises(ValueError, match="unknown model"):
         create_model("resnet51")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet18c"])  # basic blocks: a 4-channel shortcut
+def test_narrow_models_get_the_same_gradients_channels_last(name):
+    """The strided 1×1 shortcut (and vanilla bottleneck conv) of a width-4 model has fewer
+    input channels than oneDNN's block: its channels-last weight gradient on the CPU was 49%
+    wrong with 2 threads (uxlfoundation/oneDNN#6035). Every gradient must match NCHW's."""
+    torch.manual_seed(0)
+    ref = create_model(name, num_classes=3, width=4)
+    x = torch.randn(8, 3, 32, 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the multi-threaded kernel gives wrong numbers (1 thread aborts)
+    try:
+        grads = []
+        for channels_last in (False, True):
+            model = copy.deepcopy(ref)
+            xi = x.clone()
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+                xi = xi.contiguous(memory_format=torch.channels_last)
+            model(xi).square().sum().backward()
+            grads.append({n: p.grad for n, p in model.named_parameters()})
+    finally:
+        torch.set_num_threads(threads)
+    # relative to each gradient's largest entry: summation order differs between layouts
+    # (~1e-6); the kernel's error was ~0.5
+    worst = {n: ((grads[1][n] - g).abs().max() / g.abs().max()).item()
+             for n, g in grads[0].items()}
+    assert max(worst.values()) < 1e-3, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
