@@ -45,15 +45,20 @@ from tricks.train.schedule import scaled_lr
 from tricks.train.trainer import Trainer, build_model
 
 
-def plain_loop(cfg: Config, tree: Path, device: torch.device, workers: int) -> list[float]:
+def plain_loop(cfg: Config, tree: Path, device: torch.device, workers: int,
+               pad: bool = False) -> list[float]:
     """The reference: a plain PyTorch training loop. Returns top-1 on ``tree/test`` after each
-    epoch (the last is the result)."""
+    epoch (the last is the result). ``pad``: add torchvision's ``RandomCrop(size, padding,
+    fill)`` with the preset's padding and fill (the "plain+pad" side: the same pad-and-crop,
+    written by torchvision rather than by tricks)."""
     from torchvision import datasets, transforms as T
 
     torch.manual_seed(cfg.train.seed)
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     size = cfg.data.image_size
-    train_tf = T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    crop = [T.RandomCrop(size, padding=cfg.data.pad, fill=cfg.data.pad_fill)] if pad else []
+    train_tf = T.Compose([T.Resize((size, size)), *crop, T.RandomHorizontalFlip(), T.ToTensor(),
+                          norm])
     test_tf = T.Compose([T.Resize((size, size)), T.ToTensor(), norm])
     train = datasets.ImageFolder(tree / "train", train_tf)
     test = datasets.ImageFolder(tree / "test", test_tf)
@@ -115,10 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=16, help="model.width of both sides")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed … first-seed + seeds − 1 (split seeds over processes)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=V[,KEY=V…]",
                    help="also run the preset with these overrides (an ablation: which of the "
                         "preset's differences from the plain loop costs or gains accuracy)")
+    p.add_argument("--plain-pad", action="store_true",
+                   help="also run the plain loop with torchvision's RandomCrop (the preset's "
+                        "padding and fill): the \"plain+pad\" side")
     p.add_argument("--skip", action="append", default=[], choices=("preset", "plain"),
                    help="leave this side out (variants only, e.g. a second ablation run)")
     p.add_argument("--device", default="auto")
@@ -142,17 +152,18 @@ def main(argv: list[str] | None = None) -> int:
                      f"train.epochs={args.epochs}", f"train.batch={args.batch}",
                      f"train.device={device}", f"train.out={tmp / 'runs'}"]
         variants = dict(_variant(v) for v in args.variant)
-        sides = [s for s in ("preset", "plain") if s not in args.skip] + list(variants)
+        sides = [s for s in ("preset", "plain") if s not in args.skip] \
+            + ["plain+pad"] * args.plain_pad + list(variants)
         top1 = {s: [] for s in sides}
         wall = {s: [] for s in sides}
         curves = {s: [] for s in sides}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             cfg = load_config([config_path(args.preset)], [*overrides, f"train.seed={seed}",
                                                             f"train.name=s{seed}"])
             for side in sides:
                 t0 = time.perf_counter()
-                if side == "plain":
-                    curve = plain_loop(cfg, tree, device, args.workers)
+                if side in ("plain", "plain+pad"):
+                    curve = plain_loop(cfg, tree, device, args.workers, pad=side == "plain+pad")
                 else:
                     extra = [*variants[side], f"train.name={side}-s{seed}"] \
                         if side in variants else []
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 def _variant(text: str) -> tuple[str, list[str]]:
     """``NAME:KEY=V,KEY=V`` → (NAME, [KEY=V, …])."""
     name, sep, rest = text.partition(":")
-    if not sep or not name or name in ("preset", "plain") or "=" not in rest:
+    if not sep or not name or name in ("preset", "plain", "plain+pad") or "=" not in rest:
         raise SystemExit(f"error: --variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE…]")
     return name, rest.split(",")
 
@@ -184,6 +195,7 @@ def _write(args, name: str, cfg: Config, device: torch.device, top1: dict, wall:
            curves: dict, variants: dict) -> Path:
     settings = dict(dataset=name, preset=args.preset, epochs=args.epochs, batch=args.batch,
                     width=args.width, image_size=args.image_size, seeds=args.seeds,
+                    first_seed=args.first_seed,
                     workers=args.workers, train_per_class=args.train if args.tarball else None,
                     test_per_class=args.test if args.tarball else None,
                     preset_config=cfg.to_dict(), variants=variants,
