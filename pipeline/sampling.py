@@ -18,10 +18,33 @@ from .translate import draw_shifts
 _ATTEMPTS = 10  # RandomResizedCrop's tries before its centre-crop fallback (as torchvision)
 
 
+# torch's CPU generator state (the legacy THGeneratorState layout that ``get_state`` and
+# ``set_state`` exchange, unchanged since torch 1.0): initial seed u64, left i32, seeded i32,
+# next u64, then the 624 Mersenne-Twister words, each stored in a u64.
+_MT_WORDS = 624
+_MT_OFFSET = 24
+_TEMPLATE = torch.Generator().manual_seed(0).get_state().numpy().copy()
+
+
 def keyed_generator(*key: int | str) -> torch.Generator:
-    """A CPU generator seeded by a stable hash of ``key`` (not Python's salted ``hash``)."""
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    """A CPU ``torch.Generator`` whose whole Mersenne-Twister state (624 × 32 bits) is a stable
+    hash (SHAKE-256, not Python's salted ``hash``) of ``key``: ints and strs, e.g.
+    ``(seed, epoch, batch, "ops")``.
+
+    Not ``manual_seed(hash)``: torch's CPU generator keeps only the low 32 bits of a seed
+    (``mt19937``'s seeding), so a million-batch run would see seed collisions (two batches
+    drawing the same crops) with probability near 1; with the whole state hashed, distinct keys
+    give distinct streams. ``initial_seed()`` returns the key's 63-bit hash, for logging.
+    """
+    words = hashlib.shake_256(repr(key).encode()).digest(4 * (_MT_WORDS + 2))
+    state = _TEMPLATE.copy()
+    state[:8] = np.frombuffer(words[-8:], np.uint8)
+    state[7] &= 0x7F                            # a 63-bit initial seed, as manual_seed takes
+    mt = np.frombuffer(words[:4 * _MT_WORDS], np.uint32).astype(np.uint64)
+    state[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS] = mt.view(np.uint8)
+    gen = torch.Generator()
+    gen.set_state(torch.from_numpy(state))
+    return gen
 
 
 @dataclass(frozen=True)

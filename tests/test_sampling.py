@@ -1,6 +1,7 @@
 """The crop sampler's distributions against torchvision's RandomResizedCrop (Szegedy et al.
 2015's Inception crops, as torchvision defines them): area fraction uniform in ``scale``, aspect
 ratio log-uniform in ``ratio``, position uniform over the places the box fits."""
+import hashlib
 import math
 
 import numpy as np
@@ -155,6 +156,23 @@ def test_keyed_generators_are_distinct_streams_for_distinct_keys():
                       for e in range(40) for b in range(100)])
     assert len(set(first.tolist())) == len(first)
     assert ks(first, np.linspace(0, 1, 4001)[:-1] + 1 / 8000) < 0.03
+
+
+def test_keys_that_agree_in_32_bits_of_their_hash_are_distinct_streams():
+    # torch's CPU generator keeps only the low 32 bits of a manual seed, so seeding by a 64-bit
+    # hash gave ~2**32 streams: these two keys were found by a birthday search (their blake2b-64
+    # digests, the former seed, agree in the low 32 bits) and drew the same stream under it
+    digest = lambda key: int.from_bytes(hashlib.blake2b(repr(key).encode(),  # noqa: E731
+                                                        digest_size=8).digest(), "little")
+    a, b = (99757,), (111089,)
+    assert digest(a) != digest(b) and digest(a) % 2**32 == digest(b) % 2**32
+    old = lambda key: torch.Generator().manual_seed(digest(key) & (2**63 - 1))  # noqa: E731
+    assert torch.equal(torch.rand(4, generator=old(a)), torch.rand(4, generator=old(b)))
+    assert not torch.equal(torch.rand(4, generator=keyed_generator(*a)),
+                           torch.rand(4, generator=keyed_generator(*b)))
+    # the same key, the same stream (a pure function of the key, across processes too)
+    assert torch.equal(torch.rand(8, generator=keyed_generator(*a)),
+                       torch.rand(8, generator=keyed_generator(*a)))
 
 
 def test_fallback_comes_after_torchvisions_ten_tries():
