@@ -50,7 +50,9 @@ class Loader:
         crop: training crops: "random_resized" (scale, ratio: Inception-style) or "pad"
             (pad-and-crop for small images: the whole image, its centre square if not square,
             resized to image_size and flipped, then shifted by up to ``pad`` pixels each way
-            with ``pad_fill`` (0..255) outside it; see ``pipeline.translate``).
+            with ``pad_fill`` (0..255) outside it, or the image's own pixels by ``pad_mode``:
+            torchvision's "constant", "edge", "reflect", "symmetric"; see
+            ``pipeline.translate``).
         image_size: output side in pixels; ``set_image_size`` changes it between epochs.
         device, dtype, channels_last: where and how images arrive.
         engine, decode, workers: which decode engine ("native", "dali"), its decode mode and
@@ -70,7 +72,7 @@ class Loader:
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  augment: Sequence[AugmentOp] = (), mix: MixOp | None = None,
                  engine_options: dict | None = None, crop: str = "random_resized",
-                 pad: int = 4, pad_fill: int = 0):
+                 pad: int = 4, pad_fill: int = 0, pad_mode: str = "constant"):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"no such dataset folder: {root}")
@@ -87,9 +89,9 @@ class Loader:
             raise OptionError(f"unknown crop {crop!r}; choose random_resized or pad")
         self.pad = pad if train and crop == "pad" else 0
         if crop == "pad":
-            check_padding(pad, pad_fill, image_size)
+            check_padding(pad, pad_fill, image_size, pad_mode)
             scale, ratio = (1.0, 1.0), (1.0, 1.0)  # the whole (square) image, in every engine
-        self.pad_fill = pad_fill
+        self.pad_fill, self.pad_mode = pad_fill, pad_mode
         self.plan = EpochPlan(len(self.records), batch_size, seed, train,
                               drop_last=train if drop_last is None else drop_last,
                               shuffle=train if shuffle is None else shuffle,
@@ -166,7 +168,8 @@ class Loader:
             self.position += 1
             if self.pad:
                 images = translate(images, self.plan.shifts(self.epoch, self.position - 1,
-                                                            self.pad), self.pad_fill)
+                                                            self.pad), self.pad_fill,
+                                   self.pad_mode)
             yield Batch(*self.stages(images, labels, self._generator(self.position - 1)))
         self.start_batch = 0
 

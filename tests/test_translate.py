@@ -1,7 +1,7 @@
 """Pad-and-crop: torchvision RandomCrop(padding=p, fill=f) semantics, batched."""
 import pytest
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 
 from tricks.pipeline import Loader
 from tricks.pipeline.errors import OptionError
@@ -10,26 +10,34 @@ from tricks.pipeline.translate import draw_shifts, translate
 from tricks.train.config import ConfigError, load_config
 
 
-def reference(img: torch.Tensor, dx: int, dy: int, pad: int, fill: int) -> torch.Tensor:
-    """Pad by ``pad`` on every side with ``fill``, crop H×W at corner (pad + dx, pad + dy)."""
+def reference(img: torch.Tensor, dx: int, dy: int, pad: int, fill: int,
+              mode: str = "constant") -> torch.Tensor:
+    """torchvision's pad (``padding_mode``) by ``pad`` on every side, then the H×W crop at
+    corner (pad + dx, pad + dy): RandomCrop(padding=pad, fill, padding_mode) for one draw."""
     h, w = img.shape[-2:]
-    padded = F.pad(img, (pad, pad, pad, pad), value=fill)
+    padded = TF.pad(img, [pad], fill=fill, padding_mode=mode)
     return padded[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w]
 
 
+@pytest.mark.parametrize("mode", ["constant", "edge", "reflect", "symmetric"])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
-def test_translate_equals_pad_then_crop_per_sample(dtype):
+def test_translate_equals_pad_then_crop_per_sample(dtype, mode):
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (12, 3, 9, 7), generator=g).to(dtype)
+    x = torch.randint(0, 256, (40, 3, 9, 7), generator=g).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    pad, fill = 3, 117
-    s = draw_shifts(12, pad, g)
-    out = translate(x, s, fill)
+    pad, fill = 6, 117     # up to 6 each way: every mirrored index of a 7-pixel side
+    s = draw_shifts(40, pad, g)
+    out = translate(x, s, fill, mode)
     assert out.shape == x.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last)
-    for k in range(12):
-        want = reference(x[k].float(), int(s[k, 0]), int(s[k, 1]), pad, fill).to(dtype)
+    for k in range(40):
+        want = reference(x[k].float(), int(s[k, 0]), int(s[k, 1]), pad, fill, mode).to(dtype)
         assert torch.equal(out[k], want), (k, s[k])
+
+
+def test_translate_refuses_an_unknown_padding_mode():
+    with pytest.raises(ValueError, match="unknown padding mode 'wrap'"):
+        translate(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, dtype=torch.int64), 0, "wrap")
 
 
 def test_translate_moves_content_by_the_shift_in_the_right_direction():
@@ -68,9 +76,10 @@ def _loader(root, **kw):
     return Loader(root, "train", 16, workers=0, image_size=32, seed=7, **kw)
 
 
-def test_pad_crop_loader_is_the_whole_image_shifted(shapes_records):
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_pad_crop_loader_is_the_whole_image_shifted(shapes_records, mode):
     plain = _loader(shapes_records, crop="pad", pad=0, dtype=torch.float32)
-    padded = _loader(shapes_records, crop="pad", pad=4, pad_fill=255)
+    padded = _loader(shapes_records, crop="pad", pad=4, pad_fill=255, pad_mode=mode)
     plain.set_epoch(1)
     padded.set_epoch(1)
     for b, (a, c) in enumerate(zip(plain, padded)):
@@ -79,7 +88,7 @@ def test_pad_crop_loader_is_the_whole_image_shifted(shapes_records):
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         u8 = lambda t: ((t.images * std + mean) * 255).round().to(torch.uint8)  # noqa: E731
-        assert torch.equal(u8(c), translate(u8(a), shifts, 255))
+        assert torch.equal(u8(c), translate(u8(a), shifts, 255, mode))
         assert torch.equal(a.targets, c.targets)
         if b == 2:
             break
@@ -94,6 +103,8 @@ def test_pad_crop_options_are_one_line_errors(shapes_records):
         _loader(shapes_records, crop="pad", pad=32)
     with pytest.raises(OptionError, match="fill must be an integer 0..255"):
         _loader(shapes_records, crop="pad", pad_fill=300)
+    with pytest.raises(OptionError, match="unknown pad-and-crop padding mode 'wrap'"):
+        _loader(shapes_records, crop="pad", pad_mode="wrap")
     with pytest.raises(OptionError, match="unknown crop 'zoom'"):
         _loader(shapes_records, crop="zoom")
 
@@ -105,6 +116,8 @@ def test_pad_crop_options_are_one_line_errors(shapes_records):
      "data.pad=8 must be in [0, 8)"),
     (["data.crop=pad", "data.pad_fill=-1"], "data.pad_fill=-1 must be a uint8 level"),
     (["data.crop=translate"], "data.crop='translate': choose one of random_resized, pad"),
+    (["data.pad_mode=wrap"], "data.pad_mode='wrap': choose one of constant, edge, reflect, "
+                             "symmetric"),
 ])
 def test_pad_crop_config_errors(override, message):
     with pytest.raises(ConfigError) as e:

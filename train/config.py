@@ -36,6 +36,7 @@ class DataConfig:
     crop: str = "random_resized"     # random_resized (scale, ratio) | pad (pad-and-crop, small images)
     pad: int = 4                     # pad-and-crop: shift of up to ±pad pixels each way
     pad_fill: int = 0                # pad-and-crop: uint8 level outside the image (0: black)
+    pad_mode: str = "constant"       # pad-and-crop: constant (pad_fill) | edge | reflect | symmetric
     scale: list = field(default_factory=lambda: [0.08, 1.0])
     ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])
     max_side: int | None = None      # when a folder tree is converted on the fly
@@ -232,6 +233,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (),
 
 _CHOICES = {
     "data.crop": ("random_resized", "pad"),
+    "data.pad_mode": ("constant", "edge", "reflect", "symmetric"),
     "data.decode": ("auto", "workers", "device"),
     "model.init": ("xavier", "torchvision"),
     "mix.name": ("none", "mixup", "cutmix", "ricap"),

@@ -117,7 +117,7 @@ def make_loaders(cfg: Config, root: Path, device: torch.device, dtype: torch.dty
     augment, mix = build_ops(cfg)
     train = Loader(root, d.train_split, cfg.train.batch, train=True, image_size=d.image_size,
                    scale=tuple(d.scale), ratio=tuple(d.ratio), augment=augment, mix=mix,
-                   crop=d.crop, pad=d.pad, pad_fill=d.pad_fill,
+                   crop=d.crop, pad=d.pad, pad_fill=d.pad_fill, pad_mode=d.pad_mode,
                    **_loader_options(cfg, device, dtype, rank, world_size))
     val_split = pick_val_split(root, d.val_split)
     val = None
