@@ -21,7 +21,7 @@ def test_lr_lists_every_update_of_every_schedule_and_warmup(tmp_path, capsys):
                  "schedule.step_epochs=[2]", "schedule.warmup_epochs=1"]) == 0
     head, rows = _rows(capsys.readouterr().out)
     assert head == ["update", "epoch", "batch", "step+warmup1(config)", "cosine",
-                    "cosine+warmup1", "step"]
+                    "cosine+warmup1", "linear", "linear+warmup1", "step"]
     assert sorted(rows) == list(range(1, 41))  # all 40 updates of a short run
     col = {name: k for k, name in enumerate(head)}
     lr = lambda u, name: float(rows[u][col[name]])  # noqa: E731
@@ -32,6 +32,8 @@ def test_lr_lists_every_update_of_every_schedule_and_warmup(tmp_path, capsys):
     assert lr(1, "cosine") == pytest.approx(0.2)          # the first update at η
     assert lr(11, "cosine+warmup1") == pytest.approx(0.2)
     assert 0 < lr(40, "cosine") < 0.001
+    assert lr(11, "linear+warmup1") == pytest.approx(0.2)
+    assert lr(40, "linear") == pytest.approx(0.2 / 40)    # (1 − 39/40)·η
     with Image.open(png) as im:
         assert im.size[0] > 400 and im.size[1] > 200
 

@@ -43,13 +43,26 @@ def test_cosine_first_update_runs_at_peak_and_no_update_is_wasted_at_zero():
     assert lr_at(26, peak=0.1, total=50) == pytest.approx(0.05)  # t = 25 = T/2
 
 
+@pytest.mark.parametrize("warmup", [0, 1, 7, 100])
+def test_linear_decays_to_zero_over_the_post_warmup_updates(warmup):
+    # Li et al. 2020: η_t = (1 − t/T)·η, t = 0..T−1 counting the T post-warmup updates
+    peak, total = 0.4, 1000
+    T = total - warmup
+    got = [lr_at(i, peak=peak, total=total, warmup=warmup, kind="linear")
+           for i in range(1, total + 1)]
+    want = [i * peak / warmup for i in range(1, warmup + 1)] + \
+        [(1 - t / T) * peak for t in range(T)]
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert got[warmup] == peak and got[-1] == pytest.approx(peak / T)  # no update at 0
+
+
 def test_lr_outside_the_run_is_an_error():
     with pytest.raises(ValueError, match="outside"):
         lr_at(0, peak=0.1, total=10)
     with pytest.raises(ValueError, match="outside"):
         lr_at(11, peak=0.1, total=10)
     with pytest.raises(ValueError, match="unknown schedule"):
-        lr_at(1, peak=0.1, total=10, kind="linear")
+        lr_at(1, peak=0.1, total=10, kind="poly")
 
 
 def torch_multistep(peak, steps_per_epoch, epochs, milestones, gamma, warmup_epochs=0):

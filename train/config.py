@@ -109,7 +109,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"             # cosine | step
+    name: str = "cosine"             # cosine | linear | step
     warmup_epochs: float = 0.0
     step_epochs: list = field(default_factory=lambda: [30, 60, 90])
     step_gamma: float = 0.1
@@ -239,7 +239,7 @@ _CHOICES = {
     "mix.name": ("none", "mixup", "cutmix", "ricap"),
     "optim.name": ("sgd", "adabound", "amsbound"),
     "optim.lr_scaling": ("linear", "none"),
-    "schedule.name": ("cosine", "step"),
+    "schedule.name": ("cosine", "linear", "step"),
     "train.precision": ("fp32", "fp16", "bf16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune",
                            "max-autotune-no-cudagraphs"),

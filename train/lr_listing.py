@@ -15,13 +15,13 @@ PAPER_WARMUP_EPOCHS = 5  # He et al. 2018 §3.1: warmup over the first 5 epochs
 
 
 def combinations(cfg: Config) -> list[tuple[str, float]]:
-    """(schedule, warmup epochs): cosine and step, each without and with warmup (the
+    """(schedule, warmup epochs): cosine, linear and step, each without and with warmup (the
     configured length, or the paper's 5 epochs when the config has none); the configured one
     first."""
     s = cfg.schedule
     w = s.warmup_epochs or PAPER_WARMUP_EPOCHS
     combos = [(s.name, s.warmup_epochs)]
-    for kind in ("cosine", "step"):
+    for kind in ("cosine", "linear", "step"):
         for warm in (0.0, w):
             if (kind, warm) not in combos:
                 combos.append((kind, warm))

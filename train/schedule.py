@@ -26,6 +26,11 @@ def lr_at(i: int, *, peak: float, total: int, warmup: int = 0, kind: str = "cosi
     where t = i − m − 1 counts the T = total − m post-warmup updates from 0: the first of them
     runs at exactly η, the last at ½(1 + cos((T−1)π/T))·η > 0 (no wasted update at 0).
 
+    Linear (Li, Yumer & Ramanan 2020, "Budgeted training", ICLR: decay linearly to zero over the
+    budget, their best schedule for short runs; with warmup, the triangular one-cycle shape of the
+    fast CIFAR-10 trainings): η_t = (1 − t/T)·η with t, T as for cosine: the first post-warmup
+    update runs at η, the last at η/T.
+
     Step (He et al. 2016; the paper's baseline §2.1, torch's ``MultiStepLR`` stepped once per
     epoch): η·γ^k with k the number of ``milestones`` (in updates, epoch × steps per epoch)
     already completed before update i, i.e. milestones < i. With 10 updates an epoch and a
@@ -40,6 +45,9 @@ def lr_at(i: int, *, peak: float, total: int, warmup: int = 0, kind: str = "cosi
     if kind == "cosine":
         span = max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * (i - warmup - 1) / span)) * peak
+    if kind == "linear":
+        span = max(1, total - warmup)
+        return (1 - (i - warmup - 1) / span) * peak
     if kind == "step":
         return peak * gamma ** bisect.bisect_left(sorted(milestones), i)
     raise ValueError(f"unknown schedule {kind!r}")
