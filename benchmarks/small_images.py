@@ -5,9 +5,11 @@ seed), for the same epochs and batch, with horizontal flips, and are evaluated o
 whole test images. The plain loop is the reference a user would write in 30 lines
 (``plain_loop`` below): torchvision ``ImageFolder`` + ``DataLoader``, flips only, SGD with the
 preset's peak LR, momentum and weight decay, cosine annealing per epoch, cross-entropy. The
-preset adds pad-and-crop (the border filled with the mean, as He et al. 2016), label
-smoothing, warmup, per-update cosine and no bias decay (both sides build the same model,
-Xavier init and zero-γ included, and normalize with the same mean and std). Seeds
+preset adds its pad-and-crop (``configs/cifar.yaml``: 2 pixels, reflected), label smoothing,
+warmup, its schedule (linear decay, per update) and no bias decay (both sides build the same
+model, Xavier init and zero-γ included, and normalize with the same mean and std).
+``--plain-pad`` adds a "plain+pad" side: the plain loop with torchvision's ``RandomCrop`` at
+the preset's padding, fill and mode, to tell the crop's effect from the rest of the recipe. Seeds
 alternate between the sides (preset, plain, …). ``--variant NAME:KEY=V,…`` adds preset runs
 with overrides (an ablation of those differences), run in the same interleaved order.
 
@@ -49,14 +51,15 @@ def plain_loop(cfg: Config, tree: Path, device: torch.device, workers: int,
                pad: bool = False) -> list[float]:
     """The reference: a plain PyTorch training loop. Returns top-1 on ``tree/test`` after each
     epoch (the last is the result). ``pad``: add torchvision's ``RandomCrop(size, padding,
-    fill)`` with the preset's padding and fill (the "plain+pad" side: the same pad-and-crop,
-    written by torchvision rather than by tricks)."""
+    fill, padding_mode)`` with the preset's padding, fill and mode (the "plain+pad" side: the
+    same pad-and-crop, written by torchvision rather than by tricks)."""
     from torchvision import datasets, transforms as T
 
     torch.manual_seed(cfg.train.seed)
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     size = cfg.data.image_size
-    crop = [T.RandomCrop(size, padding=cfg.data.pad, fill=cfg.data.pad_fill)] if pad else []
+    crop = [T.RandomCrop(size, padding=cfg.data.pad, fill=cfg.data.pad_fill,
+                         padding_mode=cfg.data.pad_mode)] if pad else []
     train_tf = T.Compose([T.Resize((size, size)), *crop, T.RandomHorizontalFlip(), T.ToTensor(),
                           norm])
     test_tf = T.Compose([T.Resize((size, size)), T.ToTensor(), norm])

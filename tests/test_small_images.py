@@ -54,32 +54,43 @@ def test_side_by_side_writes_every_epoch_under_a_name_with_the_epochs(tmp_path, 
         assert r["windows"] == [curve[-1]]  # the result is the top-1 after the last epoch
 
 
-def test_preset_pads_with_the_mean_not_black(tmp_path):
-    """He et al. 2016 §4.2 pad the mean-subtracted image, so the border is the mean (0 after
-    normalization), as in fb.resnet.torch (ColorNormalize, then RandomCrop(32, 4) with zeros);
-    black would reach the model as about −2 standard deviations."""
+def test_preset_pads_by_reflection(tmp_path):
+    """The preset's border comes from the image (reflection, as airbench94 pads), not from a
+    fill: on images whose columns all differ, each training image is the same image unshifted
+    (the preset with data.pad=0: same order and flips) moved by torchvision's reflect pad and
+    crop, and no pixel is a constant fill."""
+    import torchvision.transforms.v2.functional as TF
+
     from tricks.pipeline.convert import convert
     from tricks.train.data import make_loaders
 
-    root = tmp_path / "white"
+    root = tmp_path / "ramps"
+    ramp = np.repeat(np.repeat((np.arange(32) * 8).astype(np.uint8)[None, :, None], 32, 0), 3, 2)
     for cls in ("a", "b"):
         (root / "train" / cls).mkdir(parents=True)
         for k in range(16):
-            Image.new("RGB", (32, 32), (255, 255, 255)).save(root / "train" / cls / f"{k}.jpg")
+            Image.fromarray(ramp).save(root / "train" / cls / f"{k}.png")
     convert(root, tmp_path / "rec", workers=0, progress=False)
-    cfg = load_config([config_path("cifar")], [f"data.path={tmp_path / 'rec'}",
-                                               "data.workers=1", "train.batch=32",
-                                               "train.device=cpu"])
-    train, _ = make_loaders(cfg, tmp_path / "rec", torch.device("cpu"), torch.float32)
-    try:
-        images, _ = next(iter(train))
-    finally:
-        train.close()
-    white = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    border = (images - white.view(1, 3, 1, 1)).abs().amax(dim=1) > 0.5  # N×H×W: not image
-    assert border.sum() > 32 * 32  # the shifts moved most images
-    fill = images.permute(0, 2, 3, 1)[border]  # border pixels × 3 channels
-    assert fill.abs().max() < 0.2, f"border at {fill.mean(0).tolist()} std, not the mean"
+    base = [f"data.path={tmp_path / 'rec'}", "data.workers=1", "train.batch=32",
+            "train.device=cpu"]
+    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    batches = {}
+    for name, extra in (("preset", []), ("unshifted", ["data.pad=0"])):
+        cfg = load_config([config_path("cifar")], base + extra)
+        train, _ = make_loaders(cfg, tmp_path / "rec", torch.device("cpu"), torch.float32)
+        try:
+            train.set_epoch(0)
+            images, _ = next(iter(train))
+            batches[name] = ((images * std + mean) * 255).round()
+            if name == "preset":
+                p, shifts = cfg.data.pad, train.plan.shifts(0, 0, cfg.data.pad)
+        finally:
+            train.close()
+    assert p > 0 and shifts.abs().sum() > 0  # the images were moved
+    for k, src in enumerate(batches["unshifted"]):
+        dx, dy = shifts[k].tolist()
+        want = TF.pad(src, [p], padding_mode="reflect")[:, p + dy:p + dy + 32, p + dx:p + dx + 32]
+        assert torch.equal(batches["preset"][k], want), (k, dx, dy)
 
 
 def test_each_side_reports_its_top1_after_the_last_epoch(tmp_path, monkeypatch, capsys):
