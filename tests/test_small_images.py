@@ -95,13 +95,15 @@ def test_preset_pads_by_reflection(tmp_path):
 
 def test_each_side_reports_its_top1_after_the_last_epoch(tmp_path, monkeypatch, capsys):
     import tricks.benchmarks.small_images as small_images
-    monkeypatch.setattr(small_images, "plain_loop", lambda cfg, *a: [0.1, 0.3 + cfg.train.seed])
+    monkeypatch.setattr(small_images, "plain_loop", lambda cfg, *a, pad=False: [
+        0.1, 0.3 + cfg.train.seed + 0.05 * pad])
     monkeypatch.setattr(small_images, "preset_run", lambda cfg: [0.2, 0.4 + cfg.train.seed])
     tree = _tree(tmp_path / "tree", {"train": 8, "test": 4})
     assert main(["--tree", str(tree), "--name", "fake", "--epochs", "2", "--batch", "8",
-                 "--seeds", "2", "--workers", "1", "--out", str(tmp_path)]) == 0
+                 "--seeds", "2", "--workers", "1", "--plain-pad", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "small_images-fake-2ep.json").read_text())
     sides = {r["name"]: r for r in doc["results"]}
     assert sides["preset"]["windows"] == [0.4, 1.4]
     assert sides["plain"]["windows"] == [0.3, 1.3]
     assert sides["plain"]["settings"]["top1_per_epoch"] == [[0.1, 0.3], [0.1, 1.3]]
+    assert sides["plain+pad"]["windows"] == pytest.approx([0.35, 1.35])  # the padded loop
