@@ -305,6 +305,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_side: int | N
     if train is not None and not keep_empty_classes:
         _check_trained(classes, Counter(c for _, c in train.items))
     dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise DataError(f"{dst}: exists and is not a folder (the destination of a conversion)")
     dst.mkdir(parents=True, exist_ok=True)
     class_index = {c: i for i, c in enumerate(classes)}
     workers = (os.cpu_count() or 1) if workers is None else workers

@@ -173,6 +173,17 @@ def test_bad_sources_are_one_line_errors(tmp_path, setup, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_file_as_destination_is_a_one_line_error(tmp_path):
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    (src / "x.jpg").write_bytes(_jpeg())
+    dst = tmp_path / "notes.txt"
+    dst.write_text("keep me")
+    with pytest.raises(DataError, match="notes.txt: exists and is not a folder") as e:
+        convert(tmp_path / "src", dst, workers=0, progress=False)
+    assert "\n" not in str(e.value) and dst.read_text() == "keep me"
+
+
 # --- fidelity: orientation, modes, links, empty classes, large images (issue 13) ----------------
 
 QUADRANTS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))  # TL, TR, BL, BR

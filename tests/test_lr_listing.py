@@ -16,8 +16,9 @@ def _rows(out: str) -> tuple[list[str], dict[int, list[str]]]:
 
 def test_lr_lists_every_update_of_every_schedule_and_warmup(tmp_path, capsys):
     png = tmp_path / "lr.png"
-    assert main(["lr", "-c", "cifar", "--steps-per-epoch", "10", "--png", str(png),
-                 "train.epochs=4", "train.batch=256", "optim.lr=0.2", "schedule.name=step",
+    # overrides on both sides of an option are all taken
+    assert main(["lr", "-c", "cifar", "train.epochs=4", "--steps-per-epoch", "10",
+                 "train.batch=256", "optim.lr=0.2", "--png", str(png), "schedule.name=step",
                  "schedule.step_epochs=[2]", "schedule.warmup_epochs=1"]) == 0
     head, rows = _rows(capsys.readouterr().out)
     assert head == ["update", "epoch", "batch", "step+warmup1(config)", "cosine",
@@ -64,3 +65,9 @@ def test_lr_bad_steps_is_a_one_line_error(capsys, tmp_path):
     assert main(["lr", "--steps-per-epoch", "0", "--png", str(tmp_path / "x.png")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --steps-per-epoch must be at least 1") and err.count("\n") == 1
+
+
+def test_an_unknown_option_is_still_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["lr", "-c", "cifar", "train.epochs=4", "--bogus", "train.batch=8"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -291,7 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["ablate"]:
         args = argparse.Namespace(command="ablate", args=argv[1:])
     else:
-        args = get_parser().parse_args(argv)
+        parser = get_parser()
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides may come after an option too (argparse's nargs="*" list stops at
+        # the first option), as timm's and Hydra's overrides go anywhere on the line
+        if extra and isinstance(getattr(args, "overrides", None), list) and \
+                all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert,
                "show-batch": cmd_show_batch, "plot": cmd_plot, "bench": cmd_bench,
                "lr": cmd_lr,
