@@ -225,8 +225,14 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.dtype = DTYPES[t.precision]
 
+        # the main rank converts (or re-converts a changed tree) first; the others then find
+        # the cache current: no two ranks write or delete the same cache folder at once
+        if not self.main:
+            distributed.barrier()
         self.data_root = resolve_dataset(cfg.data.path, cfg.data.max_side, cfg.data.quality,
                                          self.log)
+        if self.main:
+            distributed.barrier()
         self.train_loader, self.val_loader = make_loaders(cfg, self.data_root, self.device,
                                                           self.dtype, self.dist.rank, world)
         self.num_classes = self.train_loader.num_classes
