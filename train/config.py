@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from tricks.pipeline.errors import UserError
+from tricks.pipeline.translate import PAD_MODES
 
 
 class ConfigError(UserError):
@@ -233,7 +234,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (),
 
 _CHOICES = {
     "data.crop": ("random_resized", "pad"),
-    "data.pad_mode": ("constant", "edge", "reflect", "symmetric"),
+    "data.pad_mode": PAD_MODES,
     "data.decode": ("auto", "workers", "device"),
     "model.init": ("xavier", "torchvision"),
     "mix.name": ("none", "mixup", "cutmix", "ricap"),
