@@ -23,3 +23,8 @@ def check_nonneg(name: str, v: float) -> float:
     if v < 0:
         raise OptionError(f"{name} must be ≥ 0, got {v}")
     return float(v)
+
+
+class DiskError(UserError):
+    """A file or folder that cannot be written: full disk, read-only file system, no permission
+    (one line naming the path; see ``pipeline.atomic.disk_error``)."""

@@ -21,6 +21,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 
 from .engines.base import engine_class
+from .atomic import interrupted_conversion
 from .errors import DataError, OptionError
 from .records import RecordFile, list_splits, read_classes, split_path
 from .sampling import EpochPlan, keyed_generator
@@ -75,7 +76,7 @@ class Loader:
                  pad: int = 4, pad_fill: int = 0, pad_mode: str = "constant"):
         root = Path(root)
         if not root.is_dir():
-            raise DataError(f"no such dataset folder: {root}")
+            raise DataError(interrupted_conversion(root) or f"no such dataset folder: {root}")
         path = split_path(root, split)
         if not path.is_file():
             raise DataError(f"{root} has no split {split!r} (has: "

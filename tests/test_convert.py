@@ -40,7 +40,7 @@ def test_record_file_round_trip(tmp_path):
 
 def test_record_file_rejects_other_files(tmp_path):
     (tmp_path / "x.rec").write_bytes(b"not a record file at all" * 4)
-    with pytest.raises(ValueError, match="bad magic"):
+    with pytest.raises(DataError, match="bad magic"):
         RecordFile(tmp_path / "x.rec")
 
 

@@ -34,17 +34,55 @@ def test_a_changed_tree_is_converted_again(tmp_path, monkeypatch):
     assert resolve_dataset(str(tree), log=logs.append) == first and logs == []  # unchanged
     _images(tree / "train" / "bird", 2)  # a class added after the first conversion
     again = resolve_dataset(str(tree), log=logs.append)
-    assert again == first and _classes(again) == ["bird", "cat", "dog"]
-    assert any("changed since it was converted" in m for m in logs)
+    assert _classes(again) == ["bird", "cat", "dog"]
+    assert any("changed since its conversion" in m for m in logs)
     report = json.loads((again / "report.json").read_text())
     assert report["splits"]["train"]["written"] == 8
-    # a file rewritten in place (same name and size, new content) counts as a change too
-    logs.clear()
+    assert report["splits"]["train"]["reused"] == 6  # only the new files were encoded
+    assert _classes(first) == ["cat", "dog"]  # the old one stays while this process reads it
+
+
+def test_a_file_touched_in_place_is_found_on_request_and_only_it_converted(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("TRICKS_CACHE", str(tmp_path / "cache"))
+    tree = tmp_path / "tree"
+    for cls in ("cat", "dog"):
+        _images(tree / "train" / cls, 3)
+    first = resolve_dataset(str(tree), log=lambda m: None)
     img = tree / "train" / "cat" / "0.jpg"
     st = img.stat()
-    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    resolve_dataset(str(tree), log=logs.append)
-    assert any("changed since it was converted" in m for m in logs)
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, new time
+    logs = []
+    # the start-up check reads folders only: a file rewritten in place keeps its folder's time
+    assert resolve_dataset(str(tree), log=logs.append) == first and logs == []
+    again = resolve_dataset(str(tree), log=logs.append, recheck=True)
+    assert again != first and any("1 folder(s) or file(s): train/cat/0.jpg" in m for m in logs)
+    report = json.loads((again / "report.json").read_text())
+    assert report["splits"]["train"]["reused"] == 5 and report["splits"]["train"]["written"] == 6
+    assert (first / "classes.json").is_file()  # not deleted: this process still reads it
+
+
+def test_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    """TRICKS_CACHE in a folder that cannot be written (issue 25, item 7): as root the
+    permission is injected (root writes anywhere)."""
+    import errno
+    import pathlib
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TRICKS_CACHE", str(cache))
+    tree = tmp_path / "tree"
+    _images(tree / "train" / "cat", 2)
+    real = pathlib.Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(cache)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *a, **k)
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    from tricks.pipeline.errors import UserError
+    with pytest.raises(UserError) as e:
+        resolve_dataset(str(tree), log=lambda m: None)
+    msg = str(e.value)
+    assert "permission denied" in msg and "TRICKS_CACHE" in msg and "\n" not in msg
 
 
 def test_a_file_as_data_path_is_one_error(tmp_path, monkeypatch):
