@@ -19,6 +19,12 @@
  *
  * Anything libjpeg rejects or warns about (corrupt data, CMYK) is reported back per image, not
  * guessed at: the caller decodes those with Pillow.
+ *
+ * Integrity: given the records' CRC-32s (zlib's polynomial, as records.py writes them), each
+ * decode thread checks its image's bytes before decoding them (the bytes are read once more,
+ * from cache: ~45 us for 110 kB against milliseconds of decode) and reports a mismatch as
+ * "checksum mismatch", which the caller never hands to Pillow. zlib's crc32 where its header was
+ * found at build time (HAVE_ZLIB), else our own table-driven CRC-32 of the same polynomial.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,6 +38,50 @@
 #include <string.h>
 
 #include <jpeglib.h>
+#ifdef HAVE_ZLIB
+#include <zlib.h>
+#endif
+
+#ifdef HAVE_ZLIB
+static uint32_t crc32_of(const unsigned char *data, size_t size) {
+    uLong crc = crc32(0L, Z_NULL, 0);
+    while (size > 0) { /* zlib takes uInt lengths */
+        uInt n = size > 0x40000000u ? 0x40000000u : (uInt)size;
+        crc = crc32(crc, data, n);
+        data += n;
+        size -= n;
+    }
+    return (uint32_t)crc;
+}
+#else
+/* CRC-32 (reflected polynomial 0xEDB88320, as zlib), four table lookups per 4 bytes */
+static uint32_t crc_table[4][256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_init(void) {
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][n] = c;
+    }
+    for (uint32_t n = 0; n < 256; n++)
+        for (int t = 1; t < 4; t++)
+            crc_table[t][n] = crc_table[0][crc_table[t - 1][n] & 0xFF] ^ (crc_table[t - 1][n] >> 8);
+}
+
+static uint32_t crc32_of(const unsigned char *data, size_t size) {
+    pthread_once(&crc_once, crc_init);
+    uint32_t c = 0xFFFFFFFFu;
+    for (; size >= 4; size -= 4, data += 4) {
+        c ^= (uint32_t)data[0] | (uint32_t)data[1] << 8 | (uint32_t)data[2] << 16 |
+             (uint32_t)data[3] << 24;
+        c = crc_table[3][c & 0xFF] ^ crc_table[2][(c >> 8) & 0xFF] ^
+            crc_table[1][(c >> 16) & 0xFF] ^ crc_table[0][c >> 24];
+    }
+    while (size--) c = crc_table[0][(c ^ *data++) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+#endif
 
 typedef struct {
     struct jpeg_error_mgr pub;
@@ -172,6 +222,8 @@ typedef struct {
     size_t size;
     float box[4];
     int flip;
+    int check;      /* compare the bytes' CRC-32 with crc first */
+    uint32_t crc;
 } Job;
 
 /* The DCT-domain reduction d (1, 2, 4 or 8): the largest that leaves the crop's shorter side at
@@ -203,6 +255,15 @@ static int crop_one(const Job *job, int size, int fast, const Normalize *norm, v
     Axis ax = {0}, ay = {0};
     float *volatile rows = NULL;
     JSAMPLE *volatile line = NULL;
+
+    if (job->check) {
+        uint32_t crc = crc32_of(job->data, job->size);
+        if (crc != job->crc) {
+            snprintf(message, JMSG_LENGTH_MAX, "checksum mismatch (CRC-32 %08x, index says %08x)",
+                     crc, job->crc);
+            return -1;
+        }
+    }
 
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = on_error;
@@ -356,7 +417,7 @@ static void *worker(void *arg) {
 }
 
 PyDoc_STRVAR(decode_crops_doc,
-"decode_crops(jpegs, boxes, flips, out, threads=1, fast=False, normalize=None)\n"
+"decode_crops(jpegs, boxes, flips, out, threads=1, fast=False, normalize=None, crcs=None)\n"
 "    -> list[(int, str)]\n\n"
 "Decode, crop, resize and flip a batch into ``out`` (writable, C-contiguous uint8,\n"
 "N x S x S x 3, HWC RGB; float32 with ``normalize``). ``normalize``: 6 floats (scale r, g, b,\n"
@@ -365,18 +426,20 @@ PyDoc_STRVAR(decode_crops_doc,
 "``boxes``: float32 N x 4 (x0, y0, x1, y1 in source pixels); ``flips``: N bytes (0/1).\n"
 "``threads``: decode threads (the GIL is released). ``fast``: DCT-domain reduction whenever\n"
 "the crop is at least twice the output side (else 6x), libjpeg's fast integer IDCT\n"
-"and plain (not fancy) chroma upsampling. Returns the (index, reason) of each image that\n"
-"could not be decoded; their slots are left unspecified.");
+"and plain (not fancy) chroma upsampling. ``crcs``: uint32 N (little-endian), each image's\n"
+"expected CRC-32 (zlib's), checked by the decode threads first (reason \"checksum mismatch\").\n"
+"Returns the (index, reason) of each image that could not be decoded; their slots are left\n"
+"unspecified.");
 
 static PyObject *decode_crops(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"jpegs", "boxes", "flips", "out", "threads", "fast", "normalize",
-                             NULL};
-    PyObject *jpegs, *result = NULL, *normalize = Py_None, *out_obj;
-    Py_buffer boxes = {0}, flips = {0}, out = {0};
+                             "crcs", NULL};
+    PyObject *jpegs, *result = NULL, *normalize = Py_None, *out_obj, *crcs_obj = Py_None;
+    Py_buffer boxes = {0}, flips = {0}, out = {0}, crcs = {0};
     int threads = 1, fast = 0;
     Normalize norm = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*y*O|ipO", kwlist, &jpegs, &boxes, &flips,
-                                     &out_obj, &threads, &fast, &normalize))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*y*O|ipOO", kwlist, &jpegs, &boxes, &flips,
+                                     &out_obj, &threads, &fast, &normalize, &crcs_obj))
         return NULL;
     /* shape and item format, not only a byte count: a uint8 buffer can have as many bytes as
      * a smaller float32 one */
@@ -410,6 +473,12 @@ static PyObject *decode_crops(PyObject *self, PyObject *args, PyObject *kwargs) 
         }
         norm.on = 1;
     }
+    if (crcs_obj != Py_None && PyObject_GetBuffer(crcs_obj, &crcs, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&boxes);
+        PyBuffer_Release(&flips);
+        PyBuffer_Release(&out);
+        return NULL;
+    }
     const Py_ssize_t itemsize = norm.on ? (Py_ssize_t)sizeof(float) : 1;
     PyObject *seq = PySequence_Fast(jpegs, "jpegs must be a sequence of buffers");
     Py_ssize_t n = seq ? PySequence_Fast_GET_SIZE(seq) : 0;
@@ -425,6 +494,10 @@ static PyObject *decode_crops(PyObject *self, PyObject *args, PyObject *kwargs) 
     }
     if (boxes.len != n * 4 * (Py_ssize_t)sizeof(float) || flips.len != n) {
         PyErr_Format(PyExc_ValueError, "boxes must be float32 %zd x 4 and flips %zd bytes", n, n);
+        goto done;
+    }
+    if (crcs.buf && crcs.len != n * (Py_ssize_t)sizeof(uint32_t)) {
+        PyErr_Format(PyExc_ValueError, "crcs must be uint32 %zd", n);
         goto done;
     }
     if (n == 0) {
@@ -448,6 +521,12 @@ static PyObject *decode_crops(PyObject *self, PyObject *args, PyObject *kwargs) 
         jobs[k].size = (size_t)views[k].len;
         memcpy(jobs[k].box, (const float *)boxes.buf + 4 * k, sizeof(jobs[k].box));
         jobs[k].flip = ((const unsigned char *)flips.buf)[k] != 0;
+        if (crcs.buf) {
+            const unsigned char *c = (const unsigned char *)crcs.buf + 4 * k;
+            jobs[k].check = 1;
+            jobs[k].crc = (uint32_t)c[0] | (uint32_t)c[1] << 8 | (uint32_t)c[2] << 16 |
+                          (uint32_t)c[3] << 24;
+        }
     }
     Batch batch = {jobs, n, size, fast, norm, (unsigned char *)out.buf, 0, messages, failed};
     if (threads < 1) threads = 1;
@@ -478,7 +557,23 @@ done:
     PyBuffer_Release(&boxes);
     PyBuffer_Release(&flips);
     PyBuffer_Release(&out);
+    if (crcs.buf) PyBuffer_Release(&crcs);
     return result;
+}
+
+PyDoc_STRVAR(crc32_doc,
+"crc32(data) -> int\n\n"
+"The CRC-32 the decode threads compute (zlib's, or ours without zlib; equal to zlib.crc32).");
+
+static PyObject *crc32_py(PyObject *self, PyObject *args) {
+    Py_buffer data = {0};
+    if (!PyArg_ParseTuple(args, "y*", &data)) return NULL;
+    uint32_t crc;
+    Py_BEGIN_ALLOW_THREADS
+    crc = crc32_of((const unsigned char *)data.buf, (size_t)data.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLong(crc);
 }
 
 PyDoc_STRVAR(decode_doc,
@@ -538,6 +633,7 @@ static PyMethodDef methods[] = {
     {"decode_crops", (PyCFunction)(void (*)(void))decode_crops, METH_VARARGS | METH_KEYWORDS,
      decode_crops_doc},
     {"decode", (PyCFunction)(void (*)(void))decode, METH_VARARGS | METH_KEYWORDS, decode_doc},
+    {"crc32", crc32_py, METH_VARARGS, crc32_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -550,5 +646,10 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__jpeg(void) {
     PyObject *m = PyModule_Create(&module);
     if (m) PyModule_AddIntConstant(m, "LIBJPEG_VERSION", JPEG_LIB_VERSION);
+#ifdef HAVE_ZLIB
+    if (m) PyModule_AddIntConstant(m, "CRC_ZLIB", 1);
+#else
+    if (m) PyModule_AddIntConstant(m, "CRC_ZLIB", 0);
+#endif
     return m;
 }

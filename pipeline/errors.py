@@ -28,3 +28,20 @@ def check_nonneg(name: str, v: float) -> float:
 class DiskError(UserError):
     """A file or folder that cannot be written: full disk, read-only file system, no permission
     (one line naming the path; see ``pipeline.atomic.disk_error``)."""
+
+
+class RecordError(DataError):
+    """One record of a record file that cannot be used (bad checksum, undecodable): the message
+    names the file and the record; ``path``, ``index`` and ``reason`` say it to code (the
+    bad-record policy, ``pipeline.bad_records``). Rebuilt from its message alone too (torch's
+    DataLoader re-raises a worker's exception from its text)."""
+
+    def __init__(self, message: str, path: str | None = None, index: int | None = None,
+                 reason: str | None = None):
+        super().__init__(message)
+        if index is None:
+            import re
+            m = re.search(r"(\S+\.rec): record (\d+):? (.*)", message)
+            if m:
+                path, index, reason = m.group(1), int(m.group(2)), m.group(3).splitlines()[0]
+        self.path, self.index, self.reason = path, index, reason

@@ -82,7 +82,7 @@ class Loader:
             raise DataError(f"{root} has no split {split!r} (has: "
                             f"{', '.join(list_splits(root)) or 'none'})")
         self.classes = read_classes(root)
-        self.records = RecordFile(path)
+        self.records = RecordFile(path, num_classes=len(self.classes))
         if len(self.records) == 0:
             raise DataError(f"{path} holds no images")
         train = split == "train" if train is None else train

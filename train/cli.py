@@ -1,4 +1,4 @@
-"""The ``tricks`` command: train, eval, convert, show-batch, plot, bench, ablate."""
+"""The ``tricks`` command: train, eval, convert, verify, show-batch, plot, bench, ablate."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,17 @@ def get_parser() -> argparse.ArgumentParser:
     c.add_argument("--val-labels", default=None, metavar="FILE",
                    help="labels for a flat validation folder ('file class' lines or ImageNet's "
                         "LOC_val_solution.csv)")
+    c.add_argument("--resize-filter", choices=["area", "lanczos"], default="area",
+                   help="--max-side's filter: area (DCT scaling + box average, as FFCV's "
+                        "INTER_AREA; fast) or lanczos (full decode; sharper)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("verify", help="check every record of a converted dataset against its "
+                       "checksum (exit status 1 when any is bad)")
+    v.add_argument("path", help="converted folder or one .rec file")
+    v.add_argument("--decode", action="store_true",
+                   help="also decode every record (slower: finds records written damaged)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -272,9 +283,22 @@ def cmd_convert(args) -> int:
                      jpeg_quality=args.quality)
     report = convert(args.src, args.dst, max_side=args.max_side, quality=args.quality,
                      workers=args.workers, strict=args.strict, val_labels=args.val_labels,
-                     beton=beton, keep_empty_classes=args.keep_empty_classes)
+                     beton=beton, keep_empty_classes=args.keep_empty_classes,
+                     resize=args.resize_filter, progress=not args.no_progress,
+                     log=lambda m: print(m, file=sys.stderr))
     print(format_report(report))
     return 0
+
+
+def cmd_verify(args) -> int:
+    from tricks.pipeline.verify import verify
+    total, problems = verify(args.path, progress=not args.no_progress, decode=args.decode)
+    for p in problems[:100]:
+        print(f"bad: {p}")
+    if len(problems) > 100:
+        print(f"… and {len(problems) - 100} more")
+    print(f"{args.path}: {total} records checked, {len(problems)} bad")
+    return 1 if problems else 0
 
 
 def _one_line(e: BaseException) -> str:
@@ -300,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides += extra
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert,
+    handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert, "verify": cmd_verify,
                "show-batch": cmd_show_batch, "plot": cmd_plot, "bench": cmd_bench,
                "lr": cmd_lr,
                "ablate": cmd_ablate}[args.command]

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from ..errors import DataError, OptionError
+from ..errors import DataError, OptionError, RecordError
 from ..records import RecordFile
 from ..buffers import HostBuffers
 from ..sampling import BatchTask
@@ -105,12 +105,17 @@ class _BatchDataset(Dataset):
     def __getitem__(self, task: BatchTask):
         out = np.empty((len(task.indices), task.size, task.size, 3), np.uint8)
         for k, i in enumerate(task.indices):
+            bad = self.records.check(int(i))
+            if bad:
+                raise RecordError(f"{self.records.path}: record {int(i)}: {bad}",
+                                  str(self.records.path), int(i), bad)
             try:
                 out[k] = pil_crop(self.records.raw(int(i)), task.boxes[k], bool(task.flips[k]),
                                   task.size)
             except Exception as e:
-                raise DataError(f"{self.records.path}: record {int(i)} cannot be decoded "
-                                f"({type(e).__name__}: {e})") from None
+                reason = f"cannot be decoded ({type(e).__name__}: {e})"
+                raise RecordError(f"{self.records.path}: record {int(i)} {reason}",
+                                  str(self.records.path), int(i), reason) from None
         labels = self.records.index["label"][task.indices].astype(np.int64)
         return torch.from_numpy(out), torch.from_numpy(labels)
 
@@ -244,6 +249,7 @@ class NativeEngine:
         self.fallbacks = 0  # images decoded by Pillow on the CPU path
         self.fallback_reasons: list[str] = []  # the first few, for a report
         self._labels = torch.from_numpy(records.labels)
+        self._crcs = np.ascontiguousarray(records.index["crc"], dtype="<u4")
         self._sampler = _TaskSampler()
         self._loader = None
         self.cpu_decoder = None
@@ -305,9 +311,13 @@ class NativeEngine:
         boxes = np.ascontiguousarray(task.boxes, dtype=np.float32)
         flips = np.ascontiguousarray(task.flips, dtype=np.uint8)
         failed = _jpeg.decode_crops(jpegs, boxes, flips, out, threads=max(1, self.workers),
-                                    fast=self.fast_dct, normalize=norm)
+                                    fast=self.fast_dct, normalize=norm,
+                                    crcs=self._crcs[task.indices])
         for k, reason in failed:  # what libjpeg refuses, Pillow may read (or it is an error)
             i = int(task.indices[k])
+            if reason.startswith("checksum mismatch"):  # not the bytes convert wrote
+                raise RecordError(f"{self.records.path}: record {i}: {reason}",
+                                  str(self.records.path), i, reason)
             try:
                 pixels = pil_crop(jpegs[k], boxes[k], bool(flips[k]), size)
                 if norm is not None:  # as the C code: the uint8 value · scale + shift
@@ -315,8 +325,9 @@ class NativeEngine:
                     pixels = pixels.astype(np.float32) * scale + shift
                 out[k] = pixels
             except Exception as e:
-                raise DataError(f"{self.records.path}: record {i} cannot be decoded "
-                                f"({reason}; Pillow: {type(e).__name__}: {e})") from None
+                why = f"cannot be decoded ({reason}; Pillow: {type(e).__name__}: {e})"
+                raise RecordError(f"{self.records.path}: record {i} {why}",
+                                  str(self.records.path), i, why) from None
             self.fallbacks += 1
             if len(self.fallback_reasons) < 10:
                 self.fallback_reasons.append(f"record {i}: {reason}")
@@ -364,6 +375,11 @@ class NativeEngine:
             thread.join(timeout=5)
 
     def _device_batch(self, task: BatchTask) -> tuple[torch.Tensor, torch.Tensor]:
+        for i in task.indices:  # in the producer thread (zlib's CRC releases the GIL)
+            bad = self.records.check(int(i))
+            if bad:
+                raise RecordError(f"{self.records.path}: record {int(i)}: {bad}",
+                                  str(self.records.path), int(i), bad)
         datas = [torch.from_numpy(np.array(self.records.raw(int(i)))) for i in task.indices]
         if self.device.type == "cuda":
             # torchvision's CUDA decoder writes from its own stream into memory allocated on
