@@ -22,6 +22,7 @@ import torch
 
 from .engines.base import engine_class
 from .atomic import interrupted_conversion
+from .bad_records import BadRecords
 from .errors import DataError, OptionError
 from .records import RecordFile, list_splits, read_classes, split_path
 from .sampling import EpochPlan, keyed_generator
@@ -60,6 +61,8 @@ class Loader:
             worker count (DALI: its threads); ``engine_options`` are the engine's own knobs.
         seed, rank, world_size: the random key and the shard.
         augment, mix: the ops of the augment and mix stages (see ``pipeline.stages``).
+        on_bad_record, bad_record_budget: "stop" at a record that cannot be used, or "skip" it
+            (up to the budget), see ``pipeline.bad_records``; ``bad_records`` holds the policy.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", batch_size: int = 256, *,
@@ -73,7 +76,8 @@ class Loader:
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  augment: Sequence[AugmentOp] = (), mix: MixOp | None = None,
                  engine_options: dict | None = None, crop: str = "random_resized",
-                 pad: int = 4, pad_fill: int = 0, pad_mode: str = "constant"):
+                 pad: int = 4, pad_fill: int = 0, pad_mode: str = "constant",
+                 on_bad_record: str = "stop", bad_record_budget: int = 100):
         root = Path(root)
         if not root.is_dir():
             raise DataError(interrupted_conversion(root) or f"no such dataset folder: {root}")
@@ -101,6 +105,7 @@ class Loader:
         if len(self.plan) == 0:
             raise DataError(f"{path}: {len(self.records)} images make no full batch of "
                             f"{batch_size}; lower the batch size")
+        self.bad_records = BadRecords(self.records, self.plan, on_bad_record, bad_record_budget)
         self.device = torch.device(device)
         self.image_size = image_size
         self.engine = engine_class(engine)(
@@ -121,6 +126,14 @@ class Loader:
         index = self.records.index
         self._heights = index["height"].copy()
         self._widths = index["width"].copy()
+
+    @property
+    def fallbacks(self) -> int:
+        """Images libjpeg-turbo could not decode that Pillow did, so far (the native engine's
+        CPU path; 0 for engines that do not count them)."""
+        if getattr(self.engine, "cpu_decoder", None) != "libjpeg-turbo":
+            return 0
+        return getattr(self.engine, "fallbacks", 0)
 
     @property
     def num_classes(self) -> int:
@@ -155,10 +168,11 @@ class Loader:
         return keyed_generator(self.seed, self.epoch, batch, self.rank, "ops")
 
     def __iter__(self) -> Iterator[Batch]:
-        tasks = self.plan.tasks(self.epoch, self._heights, self._widths, self.image_size,
-                                self.start_batch)
+        def tasks(start: int):
+            return self.plan.tasks(self.epoch, self._heights, self._widths, self.image_size,
+                                   start)
         self.position = self.start_batch
-        batches = self.engine.batches(tasks)
+        batches = self.bad_records.batches(self.engine, tasks, self.start_batch)
         while True:
             t0 = time.perf_counter()
             try:

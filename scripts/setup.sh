@@ -27,9 +27,15 @@ jpeg_h() { echo '#include <stdio.h>
 #include <jpeglib.h>' | cc -E -x c - >/dev/null 2>&1; }
 if ! jpeg_h; then
   if can_apt; then
-    apt_install libjpeg-dev build-essential || true
+    apt_install libjpeg-dev zlib1g-dev build-essential || true
   fi
   jpeg_h || echo "setup: no libjpeg headers: the native engine will decode with Pillow" >&2
+fi
+# zlib's header gives the extension zlib's CRC-32 (without it: its own, slower, same values);
+# jpegtran makes the arithmetic-coded JPEGs of tests/test_convert.py (skipped without it)
+zlib_h() { echo '#include <zlib.h>' | cc -E -x c - >/dev/null 2>&1; }
+if can_apt && { ! zlib_h || ! command -v jpegtran >/dev/null; }; then
+  apt_install zlib1g-dev libjpeg-turbo-progs || true
 fi
 extras=test,dali
 if pkg-config --exists opencv4 libturbojpeg 2>/dev/null && command -v cc >/dev/null; then

@@ -43,6 +43,8 @@ class DataConfig:
     max_side: int | None = None      # when a folder tree is converted on the fly
     quality: int = 90
     progressive: list = field(default_factory=list)  # [[epoch, size], …]: train size from epoch
+    on_bad_record: str = "stop"      # stop | skip (substituted, counted, named once)
+    bad_record_budget: int = 100     # skip: the run stops past this many bad records
 
 
 @dataclass
@@ -236,6 +238,7 @@ _CHOICES = {
     "data.crop": ("random_resized", "pad"),
     "data.pad_mode": PAD_MODES,
     "data.decode": ("auto", "workers", "device"),
+    "data.on_bad_record": ("stop", "skip"),
     "model.init": ("xavier", "torchvision"),
     "mix.name": ("none", "mixup", "cutmix", "ricap"),
     "optim.name": ("sgd", "adabound", "amsbound"),

@@ -216,7 +216,8 @@ def _loader_options(cfg: Config, device, dtype, rank: int, world_size: int) -> d
     return dict(device=device, dtype=dtype, channels_last=cfg.train.channels_last,
                 engine=d.engine, decode=d.decode, workers=d.workers, prefetch=d.prefetch,
                 seed=cfg.train.seed, rank=rank, world_size=world_size,
-                engine_options=d.engine_options)
+                engine_options=d.engine_options, on_bad_record=d.on_bad_record,
+                bad_record_budget=d.bad_record_budget)
 
 
 def make_val_loader(cfg: Config, root: Path, split: str, device: torch.device,

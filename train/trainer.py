@@ -489,6 +489,7 @@ class Trainer:
         window = torch.zeros((), device=dev, dtype=torch.float64)
         in_window = 0
         wait0, t0 = acc["wait0"], acc["t0"]
+        fallbacks0 = loader.fallbacks
         bar = tqdm(total=self.steps_per_epoch, initial=self.position, leave=False,
                    desc=f"epoch {self.epoch + 1}/{t.epochs} ({size}px)", unit="it",
                    disable=not self.progress, mininterval=1.0)
@@ -537,11 +538,27 @@ class Trainer:
             correct.double(),
             torch.tensor(float(acc["labelled"]), device=dev, dtype=torch.float64)]))
         loss_total, seen_all, correct_all, labelled_all = totals.tolist()
-        return {"epoch": self.epoch + 1, "step": self.step, "lr": self.lr(self.step),
-                "image_size": size, "train_loss": loss_total / max(seen_all, 1),
-                "train_top1": correct_all / labelled_all if labelled_all else None,
-                "images_per_s": seen_all / elapsed,
-                "data_wait": (loader.wait_time - wait0) / elapsed, "epoch_time_s": elapsed}
+        record = {"epoch": self.epoch + 1, "step": self.step, "lr": self.lr(self.step),
+                  "image_size": size, "train_loss": loss_total / max(seen_all, 1),
+                  "train_top1": correct_all / labelled_all if labelled_all else None,
+                  "images_per_s": seen_all / elapsed,
+                  "data_wait": (loader.wait_time - wait0) / elapsed, "epoch_time_s": elapsed}
+        return {**record, **self._data_faults(loader, fallbacks0)}
+
+    def _data_faults(self, loader, fallbacks0: int) -> dict:
+        """This epoch's bad records (named once: pipeline.bad_records) and Pillow fallbacks,
+        said in the log and returned for metrics.jsonl when there were any."""
+        out = {}
+        bad = loader.bad_records.take_new()
+        if bad:
+            out["bad_records"] = bad
+        fallbacks = loader.fallbacks - fallbacks0
+        if fallbacks:
+            reasons = getattr(loader.engine, "fallback_reasons", [])[:1]
+            self.log(f"epoch {self.epoch + 1}: {fallbacks} image(s) libjpeg-turbo could not "
+                     f"decode were decoded by Pillow{' (' + reasons[0] + ')' if reasons else ''}")
+            out["pillow_fallbacks"] = fallbacks
+        return out
 
     def _log_window(self, window, steps, lr, bar, seen, waited, t0) -> None:
         """The one host sync every ``log_every`` steps: the window's loss and the first
