@@ -216,3 +216,12 @@ class FileLock:
 
     def __exit__(self, *_):
         self.release()
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` and a newline to a log file; a disk error is one line (``disk_error``)."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise disk_error(e, path, "cannot write") from None

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tricks.pipeline.atomic import atomic_write, disk_error
 from tricks.pipeline.errors import UserError
 
 FORMAT_VERSION = 1
@@ -30,18 +31,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write ``state`` (with the format version) to ``path`` whole or not at all: a temporary
+    ``.<name>.tmp`` beside it, fsync, rename (``atomic.atomic_write``). A full disk, read-only
+    folder or missing permission is a one-line ``DiskError`` naming the file, and the temporary
+    file is removed (it would hold the space that ran out); ``path`` keeps the last good one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    what = "cannot write the checkpoint"
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        with atomic_write(path, what=what) as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+    except RuntimeError as e:
+        # torch's zip writer reports its file object's OSError as a RuntimeError (the file is
+        # already removed by atomic_write): say what it was
+        cause = e.__context__ if isinstance(e.__context__, OSError) else None
+        if cause is not None and not isinstance(disk_error(cause, path, what), OSError):
+            raise disk_error(cause, path, what) from None
+        raise
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tricks.pipeline.atomic import disk_error
+
 # metrics.jsonl keys → TensorBoard tags (per epoch; the x axis of every tag is the iteration)
 EPOCH_TAGS = {"train_loss": "epoch/train_loss", "train_top1": "epoch/train_top1",
               "val_loss": "val/loss", "val_top1": "val/top1", "val_top5": "val/top5",
@@ -49,7 +51,10 @@ class Observer:
             return
         from torch.utils.tensorboard import SummaryWriter
         # a resumed run drops the events a killed run wrote after its checkpoint
-        self.writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
+        try:
+            self.writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
+        except OSError as e:  # a full disk or read-only run directory: the run goes on
+            log(f"no TensorBoard events: {disk_error(e, run_dir, 'cannot write')}")
 
     def start(self, step: int) -> None:
         """The ETA's clock starts here, at iteration ``step``."""
@@ -104,7 +109,11 @@ class Observer:
             return
         self._closed = True
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:
+                self.log(f"TensorBoard events not all written: "
+                         f"{disk_error(e, self.run_dir, 'cannot write')}")
             self.writer = None
         if self.run_dir is None:
             return

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tricks.pipeline.atomic import atomic_write, disk_error
 from tricks.pipeline.errors import UserError
 
 
@@ -86,6 +87,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         if ax.has_data():
             ax.legend(fontsize=7)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, out.parent, "cannot create") from None
+    with atomic_write(out, what="cannot write") as f:  # never a half-written PNG
+        fig.savefig(f, format="png", dpi=100)
     return out

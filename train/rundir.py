@@ -13,6 +13,8 @@ import PIL
 import torch
 import torchvision
 
+from tricks.pipeline.atomic import disk_error
+
 
 def git_commit() -> str | None:
     try:
@@ -49,12 +51,23 @@ def environment(device: torch.device, seed: int | None = None, data: str | None 
 
 
 def make_run_dir(out: str, name: str | None) -> Path:
+    """A new run directory ``out/name`` (``name-2``, ``name-3``, … when taken; default name:
+    the time). Claimed by ``mkdir`` itself, which fails for all but one process, so two runs
+    started at once never share one (no check-then-create race). Raises ``DiskError`` (one
+    line) where ``out`` cannot be written."""
     base = Path(out)
     name = name or time.strftime("%Y%m%d-%H%M%S")
-    path = base / name
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, base, "cannot create the run directory") from None
     k = 1
-    while path.exists():
-        k += 1
-        path = base / f"{name}-{k}"
-    path.mkdir(parents=True)
-    return path
+    while True:
+        path = base / (name if k == 1 else f"{name}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            k += 1
+        except OSError as e:
+            raise disk_error(e, path, "cannot create the run directory") from None

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tricks.models import create_model, load_torchvision_state_dict
+from tricks.pipeline import atomic
 from tricks.pipeline.errors import UserError
 
 from . import distributed
@@ -293,8 +294,8 @@ class Trainer:
         elif self.main:
             self.run_dir = make_run_dir(t.out, t.name)
         if self.main:
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-            (self.run_dir / "env.json").write_text(json.dumps(
+            atomic.write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            atomic.write_text(self.run_dir / "env.json", json.dumps(
                 {**environment(self.device, t.seed, str(self.data_root)),
                  "world_size": world}, indent=1))
         self.checkpoint_path = self.run_dir / "checkpoint.pt" if self.run_dir else None
@@ -397,7 +398,7 @@ class Trainer:
             if path.exists():
                 rows = [ln for ln in path.read_text().splitlines()
                         if ln.strip() and keep(json.loads(ln))]
-                path.write_text("".join(r + "\n" for r in rows))
+                atomic.write_text(path, "".join(r + "\n" for r in rows))
 
     # --- signals -------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -455,8 +456,7 @@ class Trainer:
                          f"{record['images_per_s']:.0f} img/s, "
                          f"data wait {100 * record['data_wait']:.0f}%")
             if self.main:
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                atomic.append_line(self.metrics_path, json.dumps(record))
                 self.observer.epoch(record)
             self.position = self.steps_per_epoch
             self.save()
@@ -568,9 +568,8 @@ class Trainer:
         mean = total / (steps * self.dist.world_size)
         self._check_finite(bad)
         if self.main:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps({"step": self.step, "epoch": self.epoch + 1, "lr": lr,
-                                    "loss": mean}) + "\n")
+            atomic.append_line(self.log_path, json.dumps(
+                {"step": self.step, "epoch": self.epoch + 1, "lr": lr, "loss": mean}))
         elapsed = time.perf_counter() - t0
         img_s, wait = seen * self.dist.world_size / elapsed, waited / elapsed
         self.observer.window(self.step, mean, lr, img_s, wait)
