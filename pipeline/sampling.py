@@ -122,6 +122,71 @@ def center_boxes(heights: torch.Tensor, widths: torch.Tensor, crop_ratio: float)
     return torch.stack([x0, y0, x0 + side, y0 + side], dim=1).float()
 
 
+PLAN_CHUNK = 64  # global batches whose crops are computed together
+
+
+def _rank_slice(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``torch.tensor_split(arange(n), world_size)[rank]`` as (start, stop)."""
+    q, r = divmod(n, world_size)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
+
+
+def _resized_boxes_np(heights: np.ndarray, widths: np.ndarray, u: np.ndarray,
+                      scale: tuple[float, float], ratio: tuple[float, float]) -> np.ndarray:
+    """``random_resized_boxes`` in NumPy, operation for operation (float64 where torch computes
+    in float64, float32 where its int64 × Python-float products are float32), from the same
+    uniforms ``u`` (N × tries × 4): the same N×4 float32 boxes."""
+    n = len(heights)
+    h_img, w_img = heights.astype(np.float64), widths.astype(np.float64)
+    bw, bh, uy, ux = (np.zeros(n) for _ in range(4))
+    found = np.zeros(n, bool)
+    pending = None  # all samples, for the first try (no gather)
+    log0, log1 = math.log(ratio[0]), math.log(ratio[1])
+    for t in range(u.shape[1]):
+        if pending is None:
+            pending = np.arange(n)
+            ut, hi, wi = u[:, t], h_img, w_img
+        elif not len(pending):
+            break
+        else:
+            ut = u[pending, t]
+            hi, wi = h_img[pending], w_img[pending]
+        area = hi * wi * (scale[0] + (scale[1] - scale[0]) * ut[:, 0])
+        aspect = np.exp(log0 + (log1 - log0) * ut[:, 1])
+        cw = np.round(np.sqrt(area * aspect))
+        ch = np.round(np.sqrt(area / aspect))
+        ok = (cw > 0) & (ch > 0) & (cw <= wi) & (ch <= hi)
+        got = pending[ok]
+        bw[got], bh[got], uy[got], ux[got] = cw[ok], ch[ok], ut[ok, 2], ut[ok, 3]
+        found[got] = True
+        pending = pending[~ok]
+    y0 = np.floor(uy * (heights - bh + 1))
+    x0 = np.floor(ux * (widths - bw + 1))
+    # fallback: the whole image, the ratio clamped, centred
+    img_ratio = w_img / h_img
+    r0, r1 = np.float32(ratio[0]), np.float32(ratio[1])
+    fw = np.where(img_ratio < ratio[0], w_img, np.where(
+        img_ratio > ratio[1], np.round(heights.astype(np.float32) * r1).astype(np.float64),
+        w_img))
+    fh = np.where(img_ratio < ratio[0],
+                  np.round(widths.astype(np.float32) / r0).astype(np.float64), h_img)
+    miss = ~found
+    bw = np.where(miss, fw, bw)
+    bh = np.where(miss, fh, bh)
+    y0 = np.where(miss, np.floor((heights - bh) / 2), y0)
+    x0 = np.where(miss, np.floor((widths - bw) / 2), x0)
+    return np.stack([x0, y0, x0 + bw, y0 + bh], axis=1).astype(np.float32)
+
+
+def _center_boxes_np(heights: np.ndarray, widths: np.ndarray, crop_ratio: float) -> np.ndarray:
+    """``center_boxes`` in NumPy (the same float64 arithmetic, then float32)."""
+    side = np.minimum(heights, widths).astype(np.float64) * crop_ratio
+    y0 = (heights - side) / 2
+    x0 = (widths - side) / 2
+    return np.stack([x0, y0, x0 + side, y0 + side], axis=1).astype(np.float32)
+
+
 @dataclass
 class EpochPlan:
     """Which records each batch of an epoch holds, for one rank, and their crops."""
@@ -149,24 +214,48 @@ class EpochPlan:
 
     def tasks(self, epoch: int, heights: np.ndarray, widths: np.ndarray, size: int,
               start: int = 0):
-        """Yield this rank's BatchTask for global batches ``start..len-1`` of ``epoch``."""
-        order = epoch_order(self.n, self.seed, epoch, self.shuffle)
-        for b in range(start, len(self)):
+        """Yield this rank's BatchTask for global batches ``start..len-1`` of ``epoch``.
+
+        The draws are those of one keyed generator per global batch (``torch.rand``: 10 tries
+        × 4 uniforms per sample in float64, then one float32 uniform per sample for the flip),
+        as ``random_resized_boxes`` consumes them; the crop arithmetic runs in NumPy over
+        ``PLAN_CHUNK`` batches at once, on this rank's samples only, each try only for the
+        samples no earlier try fitted (the same boxes: the first fitting try wins). No torch
+        operator runs but the serial ``torch.rand``, so torch's thread count does not matter."""
+        order = epoch_order(self.n, self.seed, epoch, self.shuffle).numpy()
+        for b0 in range(start, len(self), PLAN_CHUNK):
+            yield from self._chunk(epoch, order, heights, widths, size, b0,
+                                   min(len(self), b0 + PLAN_CHUNK))
+
+    def _chunk(self, epoch, order, heights, widths, size, b0, b1):
+        picks, draws, flips = [], [], []
+        for b in range(b0, b1):
             glob = order[b * self.batch_size:(b + 1) * self.batch_size]
-            h = torch.from_numpy(heights[glob.numpy()].astype(np.int64))
-            w = torch.from_numpy(widths[glob.numpy()].astype(np.int64))
+            n = len(glob)
+            lo, hi = _rank_slice(n, self.world_size, self.rank)
+            picks.append((b, glob[lo:hi]))
             if self.train:
                 gen = keyed_generator(self.seed, epoch, b)
-                boxes = random_resized_boxes(h, w, gen, self.scale, self.ratio)
-                flips = torch.rand(len(glob), generator=gen) < 0.5
-            else:
-                boxes = center_boxes(h, w, self.crop_ratio)
-                flips = torch.zeros(len(glob), dtype=torch.bool)
-            mine = torch.tensor_split(torch.arange(len(glob)), self.world_size)[self.rank]
-            if len(mine) == 0:
+                draws.append(torch.rand(n, _ATTEMPTS, 4, generator=gen,
+                                        dtype=torch.float64).numpy()[lo:hi])
+                flips.append(torch.rand(n, generator=gen).numpy()[lo:hi] < 0.5)
+        idx = np.concatenate([g for _, g in picks]) if picks else np.zeros(0, np.int64)
+        h = heights[idx].astype(np.int64)
+        w = widths[idx].astype(np.int64)
+        if self.train:
+            boxes = _resized_boxes_np(h, w, np.concatenate(draws), self.scale, self.ratio)
+            flip = np.concatenate(flips)
+        else:
+            boxes = _center_boxes_np(h, w, self.crop_ratio)
+            flip = np.zeros(len(idx), bool)
+        k = 0
+        for b, mine in picks:
+            m = len(mine)
+            if m == 0:
                 continue  # a short last batch with fewer samples than ranks
-            yield BatchTask(epoch, b, glob[mine].numpy(), boxes[mine].numpy(),
-                            flips[mine].numpy(), size)
+            yield BatchTask(epoch, b, mine.astype(np.int64), boxes[k:k + m], flip[k:k + m],
+                            size)
+            k += m
 
     def shifts(self, epoch: int, batch: int, pad: int) -> torch.Tensor:
         """This rank's pad-and-crop shifts (N×2 int64 dx, dy, uniform in −pad..pad) for global

@@ -267,3 +267,59 @@ def test_plan_shifts_give_one_shift_per_sample_of_the_ranks_share(world):
         for t in tasks:
             s = plan.shifts(1, t.batch, pad)
             assert s.shape == (len(t.indices), 2) and int(s.abs().max()) <= pad
+
+
+# --- the epoch plan's speed rewrite draws what the per-batch torch version drew (issue 24) -----
+
+def _reference_tasks(plan, epoch, heights, widths, size, start=0):
+    """EpochPlan.tasks as it was before the NumPy rewrite (torch, one batch at a time)."""
+    from tricks.pipeline.sampling import (BatchTask, center_boxes, epoch_order,
+                                          random_resized_boxes)
+    order = epoch_order(plan.n, plan.seed, epoch, plan.shuffle)
+    for b in range(start, len(plan)):
+        glob = order[b * plan.batch_size:(b + 1) * plan.batch_size]
+        h = torch.from_numpy(heights[glob.numpy()].astype(np.int64))
+        w = torch.from_numpy(widths[glob.numpy()].astype(np.int64))
+        if plan.train:
+            gen = keyed_generator(plan.seed, epoch, b)
+            boxes = random_resized_boxes(h, w, gen, plan.scale, plan.ratio)
+            flips = torch.rand(len(glob), generator=gen) < 0.5
+        else:
+            boxes = center_boxes(h, w, plan.crop_ratio)
+            flips = torch.zeros(len(glob), dtype=torch.bool)
+        mine = torch.tensor_split(torch.arange(len(glob)), plan.world_size)[plan.rank]
+        if len(mine) == 0:
+            continue
+        yield BatchTask(epoch, b, glob[mine].numpy(), boxes[mine].numpy(),
+                        flips[mine].numpy(), size)
+
+
+@pytest.mark.parametrize("n,batch,world,train,drop_last,scale,ratio", [
+    (5000, 64, 1, True, True, (0.08, 1.0), (3 / 4, 4 / 3)),
+    (20000, 256, 2, True, True, (0.08, 1.0), (3 / 4, 4 / 3)),
+    (4999, 100, 4, True, False, (0.08, 1.0), (3 / 4, 4 / 3)),
+    (3000, 30, 3, True, True, (0.35, 1.0), (3 / 4, 4 / 3)),
+    (2000, 7, 1, True, False, (1.0, 1.0), (1.0, 1.0)),      # pad-and-crop's whole image
+    (3001, 64, 2, False, False, (0.08, 1.0), (3 / 4, 4 / 3)),
+    (10, 8, 4, True, False, (0.08, 1.0), (3 / 4, 4 / 3)),   # a last batch smaller than ranks
+])
+def test_tasks_draw_the_same_crops_and_flips_as_the_per_batch_torch_version(
+        n, batch, world, train, drop_last, scale, ratio):
+    rng = np.random.default_rng(n)
+    # photo-like sizes, and extremes that make every try miss (the fallback both ways)
+    heights = rng.integers(1, 600, n).astype(np.uint32)
+    widths = rng.integers(1, 600, n).astype(np.uint32)
+    heights[::17], widths[::17] = 1, 5000
+    heights[::19], widths[::19] = 3000, 2
+    for rank in range(world):
+        plan = EpochPlan(n, batch, 7, train, drop_last, shuffle=train, rank=rank,
+                         world_size=world, scale=scale, ratio=ratio, crop_ratio=0.875)
+        for epoch, start in ((0, 0), (3, min(5, len(plan)))):
+            new = list(plan.tasks(epoch, heights, widths, 32, start))
+            old = list(_reference_tasks(plan, epoch, heights, widths, 32, start))
+            assert len(new) == len(old)
+            for a, b in zip(new, old):
+                assert (a.epoch, a.batch, a.size) == (b.epoch, b.batch, b.size)
+                assert a.indices.dtype == b.indices.dtype and np.array_equal(a.indices, b.indices)
+                assert a.boxes.dtype == b.boxes.dtype and np.array_equal(a.boxes, b.boxes)
+                assert a.flips.dtype == b.flips.dtype and np.array_equal(a.flips, b.flips)
