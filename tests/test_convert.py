@@ -348,3 +348,70 @@ def test_skip_reasons_name_the_cause_not_an_object(content):
     enc = inspect_and_encode(content)
     assert "BytesIO" not in enc.error and " at 0x" not in enc.error
     assert "not a decodable image" in enc.error
+
+
+# --- only baseline 8-bit JPEGs are stored as they are (issue 25, item 6) ------------------------
+
+def _with_frame(data: bytes, marker: int, precision: int | None = None) -> bytes:
+    """``data`` (a baseline JPEG) with its SOF0 marker changed to ``marker`` (and precision)."""
+    pos = data.index(b"\xff\xc0")
+    out = bytearray(data)
+    out[pos + 1] = marker
+    if precision is not None:
+        out[pos + 4] = precision
+    return bytes(out)
+
+
+def test_jpeg_frame_reads_the_frame_marker_and_precision():
+    from tricks.pipeline.convert import jpeg_frame
+    base = _jpeg()
+    assert jpeg_frame(base) == (0xC0, 8)
+    assert jpeg_frame(_jpeg(progressive=True)) == (0xC2, 8)
+    assert jpeg_frame(_with_frame(base, 0xC3)) == (0xC3, 8)
+    assert jpeg_frame(_with_frame(base, 0xC1, 12)) == (0xC1, 12)
+    assert jpeg_frame(_jpeg(fmt="PNG")) is None and jpeg_frame(b"\xff\xd8\xff") is None
+
+
+def test_an_extended_sequential_jpeg_is_reencoded_to_baseline():
+    # SOF1 with Huffman coding: the same entropy data as baseline, another frame marker
+    enc = inspect_and_encode(_with_frame(_jpeg(), 0xC1))
+    assert enc.reencoded == "extended sequential JPEG"
+    from tricks.pipeline.convert import jpeg_frame
+    assert jpeg_frame(enc.data) == (0xC0, 8)
+
+
+def test_an_arithmetic_coded_jpeg_is_reencoded_to_baseline(tmp_path):
+    import shutil
+    import subprocess
+    if shutil.which("jpegtran") is None:
+        pytest.skip("jpegtran (libjpeg-turbo-progs) makes the arithmetic-coded file")
+    (tmp_path / "b.jpg").write_bytes(_saved(_quadrants(64, 48), "JPEG", quality=95))
+    data = subprocess.run(["jpegtran", "-arithmetic", str(tmp_path / "b.jpg")],
+                          capture_output=True, check=True).stdout
+    from tricks.pipeline.convert import jpeg_frame
+    assert jpeg_frame(data) == (0xC9, 8)
+    enc = inspect_and_encode(data)
+    assert enc.reencoded == "arithmetic-coded sequential JPEG"
+    assert jpeg_frame(enc.data) == (0xC0, 8) and (enc.height, enc.width) == (48, 64)
+    assert np.abs(_quadrant_means(_decode(enc.data)) - np.array(QUADRANTS)).max() < 6
+
+
+def test_a_12_bit_jpeg_is_skipped_with_its_reason():
+    enc = inspect_and_encode(_with_frame(_jpeg(), 0xC1, 12))
+    assert enc.data is None and enc.error.startswith("12-bit JPEG (extended sequential)")
+
+
+def test_max_side_area_filter_keeps_the_picture_and_lanczos_is_an_option():
+    big = np.zeros((400, 600, 3), np.uint8)
+    big[:, :300] = (200, 40, 40)
+    big[:, 300:] = (40, 40, 200)
+    data = _saved(Image.fromarray(big), "JPEG", quality=95)
+    for resize in ("area", "lanczos"):
+        enc = inspect_and_encode(data, max_side=150, resize=resize)
+        assert (enc.width, enc.height) == (150, 100) and "over max side" in enc.reencoded
+        out = np.asarray(_decode(enc.data)).astype(int)
+        assert np.abs(out[10:-10, 10:60] - (200, 40, 40)).mean() < 6
+        assert np.abs(out[10:-10, 90:140] - (40, 40, 200)).mean() < 6
+    from tricks.pipeline.errors import OptionError
+    with pytest.raises(OptionError, match="resize filter 'cubic'"):
+        convert("x", "y", resize="cubic")
