@@ -118,6 +118,7 @@ class RecordFile:
         self._map: np.memmap | None = None
         self._index: np.ndarray | None = None
         self._checked = False
+        self._verified: np.ndarray | None = None
         self._read_header()
         self._open()
 
@@ -204,16 +205,29 @@ class RecordFile:
         off = int(row["offset"])
         return self._map[off:off + int(row["length"])]
 
+    @property
+    def verified(self) -> np.ndarray:
+        """Per record, whether this process already found its bytes to match their CRC (bool,
+        writable: a decoder that checks CRCs itself marks them). The hot path checks each record
+        once per process: the file is read-only, its bytes do not change under a run."""
+        if self._verified is None:
+            self._verified = np.zeros(self.count, bool)
+        return self._verified
+
     def check(self, i: int) -> str | None:
         """Why record ``i``'s bytes are bad (``"checksum mismatch"``), or None if they are
-        the bytes convert wrote."""
+        the bytes convert wrote (checked once per process, see ``verified``)."""
+        if self.verified[i]:
+            return None
         if checksum(self.raw(i)) != int(self.index[i]["crc"]):
             return "checksum mismatch"
+        self._verified[i] = True
         return None
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_map"] = state["_index"] = None  # mapped again lazily, the file id checked
+        state["_verified"] = None
         return state
 
 

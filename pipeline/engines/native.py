@@ -310,9 +310,12 @@ class NativeEngine:
         jpegs = [self.records.raw(int(i)) for i in task.indices]
         boxes = np.ascontiguousarray(task.boxes, dtype=np.float32)
         flips = np.ascontiguousarray(task.flips, dtype=np.uint8)
+        # each record's CRC-32 checked in the decode threads the first time this process
+        # decodes it (records.RecordFile.verified)
+        unchecked = not self.records.verified[task.indices].all()
         failed = _jpeg.decode_crops(jpegs, boxes, flips, out, threads=max(1, self.workers),
                                     fast=self.fast_dct, normalize=norm,
-                                    crcs=self._crcs[task.indices])
+                                    crcs=self._crcs[task.indices] if unchecked else None)
         for k, reason in failed:  # what libjpeg refuses, Pillow may read (or it is an error)
             i = int(task.indices[k])
             if reason.startswith("checksum mismatch"):  # not the bytes convert wrote
@@ -331,6 +334,8 @@ class NativeEngine:
             self.fallbacks += 1
             if len(self.fallback_reasons) < 10:
                 self.fallback_reasons.append(f"record {i}: {reason}")
+        if unchecked:
+            self.records.verified[task.indices] = True  # a mismatch raised above
         labels = self._labels[torch.from_numpy(task.indices)]
         if self.device.type == "cuda":
             labels = labels.pin_memory()
