@@ -68,16 +68,22 @@ IN_USE = ".in-use"    # in a conversion: shared-locked by every process that rea
 _held: dict[str, int] = {}  # conversions this process reads: path → fd holding the shared lock
 
 
-def _hold(root: Path) -> Path:
+def _hold(root: Path) -> Path | None:
     """Mark ``root`` as read by this process (a shared ``flock`` kept until it exits), so no
-    other process deletes it as an old conversion."""
+    other process deletes it as an old conversion. None when it was deleted meanwhile (another
+    process converted a changed tree and collected it before the lock was taken)."""
     key = str(root)
     if key not in _held:
         try:
             fd = os.open(root / IN_USE, os.O_RDONLY | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            return None
         except OSError:
             return root  # a read-only cache: nothing deletes from it either
         fcntl.flock(fd, fcntl.LOCK_SH)
+        if not (root / CLASSES_FILE).is_file():
+            os.close(fd)
+            return None
         _held[key] = fd
     return root
 
@@ -147,14 +153,15 @@ def resolve_dataset(path: str | None, max_side: int | None = None, quality: int 
                        ).hexdigest()[:12]
     base = cache_dir() / "converted" / f"{src.name}-{key}"
     current = _current(base)
-    if current is not None and source_changes(src, current, recheck) == []:
-        return _hold(current)
+    if current is not None and source_changes(src, current, recheck) == [] and \
+            _hold(current) is not None:
+        return current
     _cache_folder(base)
     with atomic.FileLock(base / ".lock", log, f"converting {src}"):
         current = _current(base)  # another process may have converted it meanwhile
         changes = source_changes(src, current, recheck) if current is not None else None
-        if changes == []:
-            return _hold(current)
+        if changes == [] and _hold(current) is not None:  # under the lock: not collected
+            return current
         n = max([int(p.name[1:]) for p in base.glob("g*")
                  if p.name[1:].isdigit()], default=0) + 1
         new = base / f"g{n}"
