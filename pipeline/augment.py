@@ -298,3 +298,53 @@ class RandomErasing:
         h, w = x.shape[2:]
         d = draw_erasing(len(x), h, w, gen, self.p, self.area, self.ratio)
         return keep_layout(x, apply_erasing(x, d, self.fill, self.mean, gen))
+
+
+class PerSample:
+    """A per-sample transform run as a batch op: ``PerSample(T.RandomRotation(15))``.
+
+    ``transform`` takes one image (float 3×H×W in [0, 1], on the Loader's device) and returns
+    one of the same shape and dtype: torchvision's transforms (v1 and v2) on tensors, or any
+    such function. Each image gets its own draw: torch's, Python's and NumPy's global
+    generators are seeded per image from the batch's keyed generator (and restored after), so
+    the draws, like every op's, depend only on (seed, epoch, batch, rank): a resumed run and
+    another device draw the same. A Python loop over the images: use it for what has no batch
+    op (``tricks.pipeline.augment``, ``.autoaugment`` have the common ones).
+
+    Raises ``OptionError`` (naming the transform) when it returns another shape or type.
+    """
+
+    def __init__(self, transform, after_normalize: bool = False):
+        if not callable(transform):
+            raise OptionError(f"PerSample({transform!r}): not callable")
+        self.transform = transform
+        self.after_normalize = after_normalize
+
+    def __repr__(self) -> str:
+        return f"PerSample({self.transform!r})"
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        import random
+
+        import numpy as np
+        seeds = torch.randint(0, 2**62, (len(x),), generator=gen).tolist()
+        devices = [x.device] if x.device.type == "cuda" else []
+        py, npy = random.getstate(), np.random.get_state()
+        out = torch.empty_like(x)
+        try:
+            with torch.random.fork_rng(devices=devices):
+                for k, seed in enumerate(seeds):
+                    torch.manual_seed(seed)
+                    random.seed(seed)
+                    np.random.seed(seed % 2**32)
+                    y = self.transform(x[k])
+                    if not isinstance(y, torch.Tensor) or y.shape != x[k].shape:
+                        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                        raise OptionError(f"PerSample({self.transform!r}) returned {got} for "
+                                          f"a {tuple(x[k].shape)} image; it must return a "
+                                          "tensor of the same shape")
+                    out[k] = y
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+        return out

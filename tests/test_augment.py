@@ -372,12 +372,13 @@ def test_cpu_and_cuda_agree(name):
 
 
 def test_loader_augment_draws_are_keyed_by_seed_and_epoch(shapes_records):
-    from tricks.pipeline import Loader
+    from tricks.pipeline import Engine, Loader, Sampling
 
     def batch(epoch, seed=0):
         # validation crops are fixed, so any difference comes from the augment draw
-        loader = Loader(shapes_records, "val", 16, train=False, image_size=32, workers=0,
-                        seed=seed, augment=[ColorJitter(), RandomErasing(p=1.0)])
+        loader = Loader(shapes_records, "val", 16, train=False, image_size=32,
+                        engine=Engine(workers=0), sampling=Sampling(seed=seed),
+                        augment=[ColorJitter(), RandomErasing(p=1.0)])
         loader.set_epoch(epoch)
         return next(iter(loader)).images
     a = batch(0)
