@@ -37,6 +37,9 @@ def build_ops(cfg: Config) -> tuple[list, object | None]:
         "erasing": dict(p=a.erasing_p, area=tuple(a.erasing_area), ratio=a.erasing_ratio,
                         fill=a.erasing_fill),
         "autoaugment": dict(policy=a.autoaugment_policy),
+        "randaugment": dict(num_ops=a.randaugment_ops, magnitude=a.randaugment_magnitude),
+        "grayscale": dict(p=a.grayscale_p),
+        "blur": dict(kernel_size=a.blur_kernel, sigma=tuple(a.blur_sigma), p=a.blur_p),
     }
     mix_kwargs = {"mixup": dict(alpha=m.alpha, per_sample=m.per_sample),
                   "cutmix": dict(alpha=m.cutmix_alpha), "ricap": dict(beta=m.ricap_beta)}
