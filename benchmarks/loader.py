@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tricks.errors import exit_on_user_error
 from tricks.pipeline import Engine, Loader, Output
 from tricks.pipeline.convert import convert
 from tricks.pipeline.options import IMAGENET_MEAN, IMAGENET_STD
@@ -481,6 +482,5 @@ def write_loader_report(json_path: Path) -> tuple[Path, Path]:
     return md, png
 
 
-if __name__ == "__main__":  # through the CLI: its one-line errors
-    from tricks.train.cli import main as tricks
-    sys.exit(tricks(["bench", "loader", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main))

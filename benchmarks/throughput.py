@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from tricks.errors import exit_on_user_error
 from tricks.models import create_model, default_input_size
 from tricks.pipeline import Engine, Loader, Output
 from tricks.pipeline.augment import ColorJitter, Lighting, RandomErasing
@@ -285,6 +286,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # through the CLI: its one-line errors
-    from tricks.train.cli import main as tricks
-    sys.exit(tricks(["bench", "train", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main))

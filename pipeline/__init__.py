@@ -1,7 +1,7 @@
 """Data pipeline: record files, decode engines, the augment/normalize/mix stages, ``Loader``."""
 from .augment import PerSample
 from .convert import convert
-from .errors import DataError, OptionError, UserError
+from tricks.errors import DataError, OptionError, UserError
 from .loader import Batch, Loader, LoaderClosed
 from .options import (IMAGENET_MEAN, IMAGENET_STD, CenterCrop, Engine, Output, PadCrop,
                       RandomResizedCrop, Sampling)

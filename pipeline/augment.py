@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import OptionError, check_nonneg, check_prob
+from tricks.errors import OptionError
+from .options_check import check_nonneg, check_prob
 from .sampling import area_ratio_boxes
 from .transfer import to_device
 

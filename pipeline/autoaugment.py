@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torchvision.transforms.autoaugment import AutoAugment, AutoAugmentPolicy
 
 from .augment import adjust_brightness, adjust_contrast, adjust_saturation, blend, keep_layout
-from .errors import OptionError
+from tricks.errors import OptionError
 from .transfer import to_device
 
 _BINS = 10

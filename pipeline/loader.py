@@ -22,7 +22,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 
 from .engines.base import EngineSpec, engine_class
-from .errors import DataError, OptionError, UserError
+from tricks.errors import DataError, OptionError, UserError
 from .options import (CenterCrop, Crop, Engine, Output, PadCrop, RandomResizedCrop, Sampling,
                       check_crop, check_device, check_positive_int)
 from .records import RecordFile, list_splits, read_classes, split_path

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .augment import ColorJitter, Cutout, GaussianBlur, Lighting, RandomErasing, RandomGrayscale
 from .autoaugment import BatchAutoAugment, BatchRandAugment, BatchTrivialAugmentWide
-from .errors import OptionError
+from tricks.errors import OptionError
 from .mix import CutMix, Mixup, Ricap
 
 AUGMENT_OPS = {"jitter": ColorJitter, "lighting": Lighting, "cutout": Cutout,

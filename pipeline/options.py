@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import OptionError
+from tricks.errors import OptionError
 from .translate import PAD_MODES, check_padding
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from .convert import CONVERT_VERSION, convert, format_report
-from .errors import DataError
+from tricks.errors import DataError
 from .records import CLASSES_FILE
 from .synthetic import make_dataset
 

@@ -26,7 +26,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from .buffers import HostBuffers
-from .errors import OptionError
+from tricks.errors import OptionError
 from .options import IMAGENET_MEAN, IMAGENET_STD
 from .sampling import keyed_generator
 from .transfer import DeviceConstants

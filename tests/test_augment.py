@@ -17,7 +17,7 @@ from tricks.pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, Erasin
                                      draw_lighting)
 from tricks.pipeline.autoaugment import (BatchAutoAugment, BatchRandAugment,
                                          BatchTrivialAugmentWide)
-from tricks.pipeline.errors import OptionError
+from tricks.errors import OptionError
 from tricks.pipeline.sampling import keyed_generator
 
 

@@ -1,8 +1,9 @@
 
 import pytest
 
-from tricks.train.cli import CONFIG_DIR
-from tricks.train.config import ConfigError, load_config
+from tricks.train.config import PRESET_DIR as CONFIG_DIR
+from tricks.errors import ConfigError
+from tricks.train.config import load_config
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 

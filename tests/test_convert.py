@@ -8,7 +8,7 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from tricks.pipeline.convert import convert, format_report, inspect_and_encode
-from tricks.pipeline.errors import DataError
+from tricks.errors import DataError
 from tricks.pipeline.records import RecordFile, RecordWriter, read_classes
 
 

@@ -7,7 +7,7 @@ pytest.importorskip("nvidia.dali")
 
 from conftest import cuda, ids_of  # noqa: E402
 from tricks.pipeline import Engine, Loader, Output, Sampling  # noqa: E402
-from tricks.pipeline.errors import UserError  # noqa: E402
+from tricks.errors import UserError  # noqa: E402
 
 RAW = Output(mean=(0, 0, 0), std=(1 / 255,) * 3)  # float images equal to the engine's 0..255
 
@@ -114,7 +114,7 @@ def test_augment_and_mix_run_after_dali(coloured):
 
 
 def test_the_former_files_source_is_a_one_line_error(coloured):
-    from tricks.pipeline.errors import OptionError
+    from tricks.errors import OptionError
     with pytest.raises(OptionError, match="former files source"):
         Loader(coloured[0], "train", 8, engine=Engine("dali", source="files"))
 

@@ -6,7 +6,7 @@ import torch
 
 from tricks.pipeline import (CenterCrop, Engine, Loader, LoaderClosed, Output, PerSample,
                              RandomResizedCrop, Sampling)
-from tricks.pipeline.errors import DataError, OptionError
+from tricks.errors import DataError, OptionError
 from tricks.pipeline.records import RecordFile
 
 

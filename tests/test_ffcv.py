@@ -18,7 +18,7 @@ from conftest import colour_of, subprocess_env  # noqa: E402
 from tricks.pipeline import Engine, Loader  # noqa: E402
 from tricks.pipeline.beton import write_beton  # noqa: E402
 from tricks.pipeline.convert import convert  # noqa: E402
-from tricks.pipeline.errors import UserError  # noqa: E402
+from tricks.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = subprocess_env(ROOT, ROOT / "tests")

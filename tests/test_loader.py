@@ -8,7 +8,7 @@ from torchvision.transforms import RandomResizedCrop
 from conftest import cuda
 from tricks.pipeline import Engine, Loader, Output, Sampling
 from tricks.pipeline.engines.native import crop_resize_flip, pil_crop, size_groups
-from tricks.pipeline.errors import DataError
+from tricks.errors import DataError
 from tricks.pipeline.sampling import EpochPlan, keyed_generator, random_resized_boxes
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import cuda
 from tricks.pipeline import Engine, Loader, Sampling
-from tricks.pipeline.errors import OptionError
+from tricks.errors import OptionError
 from tricks.pipeline.mix import CutMix, Mixup, Ricap, cutmix, mixup, ricap
 from tricks.pipeline.sampling import keyed_generator
 from tricks.train.loss import SoftTargetCrossEntropy, smooth

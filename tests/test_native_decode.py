@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from tricks.pipeline.engines import native
 from tricks.pipeline.engines.base import EngineSpec
 from tricks.pipeline.engines.native import NativeEngine, dct_denominator, pil_crop
-from tricks.pipeline.errors import DataError, OptionError
+from tricks.errors import DataError, OptionError
 from tricks.pipeline.records import RecordFile, RecordWriter
 from tricks.pipeline.sampling import BatchTask, center_boxes, keyed_generator, random_resized_boxes
 

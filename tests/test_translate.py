@@ -4,10 +4,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from tricks.pipeline import Engine, Loader, PadCrop, Sampling
-from tricks.pipeline.errors import OptionError
+from tricks.errors import OptionError
 from tricks.pipeline.sampling import EpochPlan
 from tricks.pipeline.translate import draw_shifts, translate
-from tricks.train.config import ConfigError, load_config
+from tricks.errors import ConfigError
+from tricks.train.config import load_config
 
 
 def reference(img: torch.Tensor, dx: int, dy: int, pad: int, fill: int,

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tricks.pipeline.errors import UserError
+from tricks.errors import ConfigError
 from tricks.pipeline.ops import AUGMENT_OPS, MIX_OPS
 from tricks.pipeline.options import DEFAULT_CROP_RATIO, DEFAULT_RATIO, DEFAULT_SCALE
 from tricks.pipeline.translate import PAD_MODES
-
-
-class ConfigError(UserError):
-    pass
 
 
 @dataclass
@@ -290,6 +287,12 @@ def validate(cfg: Config) -> None:
                        ("data.image_size", cfg.data.image_size)):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    o = cfg.optim
+    for key, value, positive in (("optim.lr", o.lr, True), ("optim.final_lr", o.final_lr, True),
+                                 ("optim.eps", o.eps, True), ("optim.momentum", o.momentum, False),
+                                 ("optim.weight_decay", o.weight_decay, False)):
+        if value < 0 or (positive and value == 0):
+            raise ConfigError(f"{key} must be {'> 0' if positive else '≥ 0'}, got {value}")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if cfg.schedule.warmup_epochs < 0:
@@ -315,6 +318,31 @@ def validate(cfg: Config) -> None:
                               f"training image is {smallest}²")
         if not 0 <= d.pad_fill <= 255:
             raise ConfigError(f"data.pad_fill={d.pad_fill} must be a uint8 level in 0..255")
+
+
+def _preset_dir() -> Path:
+    """configs/ in a source tree, or the ``tricks.configs`` package data of an installed wheel."""
+    spec = importlib.util.find_spec("tricks.configs")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the presets (package tricks.configs) are missing from this install")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+PRESET_DIR = _preset_dir()
+
+
+def preset_path(name: str) -> Path:
+    """A preset's YAML file: a file path as it is (a ``.yaml``/``.yml`` name, or an existing
+    file), else ``PRESET_DIR/<name>.yaml``. A folder that happens to share a preset's name (a
+    ``cifar/`` dataset in the current directory) does not shadow the preset."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name}.yaml"
+    if not preset.is_file():
+        names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset {name!r}; presets: {names} (or give a YAML file)")
+    return preset
 
 
 def dump_config(cfg: Config) -> str:

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import torch
 
+from tricks.errors import ConfigError, DataError, OptionError
 from tricks.pipeline import (CenterCrop, Engine, Loader, Output, PadCrop, RandomResizedCrop,
                              Sampling)
-from tricks.pipeline.errors import DataError, OptionError
 from tricks.pipeline.ops import make_op
 from tricks.pipeline.records import list_splits
 from tricks.pipeline.source import cache_dir, embedded_dataset, resolve_dataset  # noqa: F401
 
-from .config import Config, ConfigError
+from .config import Config
 
 VAL_SPLITS = ("val", "validation", "test")
 

@@ -31,7 +31,7 @@ from typing import ClassVar, Iterable, Iterator, Protocol
 
 import torch
 
-from ..errors import OptionError
+from tricks.errors import OptionError
 from ..sampling import BatchTask, EpochPlan  # noqa: F401  (EpochPlan: a type hint)
 
 # the modules that register engines; an engine whose own dependencies are missing still

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from ..errors import OptionError, UserError
+from tricks.errors import OptionError, UserError
 from ..records import RecordFile
 from ..sampling import BatchTask
 from .base import Capabilities, EngineSpec, register_engine

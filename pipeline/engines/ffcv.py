@@ -21,27 +21,12 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..errors import DataError, OptionError, UserError
+from tricks.errors import DataError, OptionError
+
+from ..beton import import_ffcv
 from ..records import RecordFile
 from ..sampling import BatchTask
 from .base import Capabilities, EngineSpec, register_engine
-
-INSTALL_HINT = ("the FFCV engine needs FFCV: apt-get install pkg-config libopencv-dev "
-                "libturbojpeg0-dev build-essential, then pip install 'tricks[ffcv]'")
-
-
-def import_ffcv():
-    """Import FFCV's loader pieces, keeping torch's thread count as it was."""
-    threads = torch.get_num_threads()
-    try:
-        from ffcv import fields, loader, transforms
-        from ffcv.fields import decoders
-    except ImportError:
-        raise UserError(INSTALL_HINT) from None
-    finally:
-        torch.set_num_threads(threads)
-    return fields, decoders, loader, transforms
-
 
 def beton_path(records: RecordFile):
     return records.path.with_suffix(".beton")

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from ..errors import DataError, OptionError
+from tricks.errors import DataError, OptionError
 from ..records import RecordFile
 from ..buffers import HostBuffers
 from ..sampling import BatchTask
