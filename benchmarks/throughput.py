@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from tricks.errors import exit_on_user_error
 from tricks.models import create_model, default_input_size
-from tricks.pipeline import Loader
+from tricks.pipeline import Engine, Loader, Output
 from tricks.pipeline.augment import ColorJitter, Lighting, RandomErasing
 from tricks.pipeline.mix import Mixup
 from tricks.pipeline.records import read_classes
@@ -60,6 +61,11 @@ def _precision(name: str, device: torch.device) -> str:
     return "bf16" if name == "fp16" and device.type != "cuda" else name
 
 
+def _engine(args, name: str) -> Engine:
+    options = {"decode": args.decode} if name == "native" else {}
+    return Engine(name, workers=args.workers, **options)
+
+
 class Feed:
     """Endless (images, labels): one synthetic batch on the device, or a real engine's batches
     epoch after epoch; ``wait_time`` is the time spent blocked on the engine."""
@@ -81,9 +87,8 @@ class Feed:
             self.batch = x, labels
         else:
             self.loader = Loader(args.data, "train", batch, image_size=size, device=device,
-                                 dtype=dtype, channels_last=channels_last, engine=args.input,
-                                 decode=args.decode if args.input == "native" else "auto",
-                                 workers=args.workers, augment=augment, mix=mix)
+                                 output=Output(dtype, channels_last),
+                                 engine=_engine(args, args.input), augment=augment, mix=mix)
             self.epoch, self.it = 0, iter(self.loader)
 
     @property
@@ -254,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for engine in inputs[1:]:  # a bad engine, file or a too small dataset fails now, not later
         Loader(args.data, "train", max(batches.values()), image_size=32, device=device,
-               engine=engine, workers=args.workers,
-               decode=args.decode if engine == "native" else "auto").close()
+               engine=_engine(args, engine)).close()
     entries = []
     for model_name in models:
         for inp in inputs:
@@ -282,6 +286,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # through the CLI: its one-line errors
-    from tricks.train.cli import main as tricks
-    sys.exit(tricks(["bench", "train", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main))

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .errors import DataError, RecordError
+from tricks.errors import DataError, RecordError
 from .records import RecordFile
 from .sampling import BatchTask, EpochPlan, center_boxes, keyed_generator, random_resized_boxes
 

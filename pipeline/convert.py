@@ -57,7 +57,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import atomic
-from .errors import DataError, OptionError
+from tricks.errors import DataError, OptionError
 from .records import (CLASSES_FILE, HEADER_SIZE, INDEX_DTYPE, RecordFile, checksum,
                       finish_file, split_path)
 

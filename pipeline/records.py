@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from tricks.errors import DataError
 
 MAGIC = b"TRICKREC"
 VERSION = 2
@@ -223,6 +223,10 @@ class RecordFile:
             return "checksum mismatch"
         self._verified[i] = True
         return None
+
+    def close(self) -> None:
+        """Drop the mapping (arrays already taken from ``raw`` keep it alive until they go)."""
+        self._map = self._index = None
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import OptionError
+from tricks.errors import OptionError
 
 
 PAD_MODES = ("constant", "edge", "reflect", "symmetric")

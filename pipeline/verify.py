@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import DataError
+from tricks.errors import DataError
 from .records import SUFFIX, RecordFile, list_splits, read_classes, split_path
 
 CHUNK = 1024  # records per thread task

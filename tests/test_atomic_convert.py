@@ -18,7 +18,7 @@ from PIL import Image
 from tricks.pipeline.convert import convert
 
 convert_mod = importlib.import_module("tricks.pipeline.convert")
-from tricks.pipeline.errors import DataError, DiskError
+from tricks.errors import DataError, DiskError
 from tricks.pipeline.records import RecordFile, read_classes
 
 from conftest import subprocess_env

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tricks.pipeline import Loader
-from tricks.pipeline.errors import DataError, RecordError
+from tricks.pipeline import Engine, Loader, Sampling
+from tricks.errors import DataError, RecordError
 from tricks.pipeline.records import RecordFile, RecordWriter
 
 
@@ -38,9 +38,9 @@ def _dataset(shapes_records, tmp_path, bad=(5,), flip=()):
     return root
 
 
-def _loader(root, **kw):
-    kw.setdefault("workers", 1)
-    return Loader(root, "train", 16, image_size=24, seed=3, **kw)
+def _loader(root, workers=1, engine_options=None, **kw):
+    return Loader(root, "train", 16, image_size=24, sampling=Sampling(seed=3),
+                  engine=Engine("native", workers=workers, **(engine_options or {})), **kw)
 
 
 def _epoch(loader, epoch=0, start=0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tricks.pipeline.errors import DataError
+from tricks.errors import DataError
 from tricks.train.data import resolve_dataset
 
 
@@ -78,7 +78,7 @@ def test_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", str(self))
         return real(self, *a, **k)
     monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
-    from tricks.pipeline.errors import UserError
+    from tricks.errors import UserError
     with pytest.raises(UserError) as e:
         resolve_dataset(str(tree), log=lambda m: None)
     msg = str(e.value)

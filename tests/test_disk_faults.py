@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from tricks.pipeline import atomic
-from tricks.pipeline.errors import DiskError
+from tricks.errors import DiskError
 from tricks.train.checkpoint import load_checkpoint, save_checkpoint
 from tricks.train.rundir import make_run_dir
 
@@ -191,12 +191,12 @@ def test_two_runs_on_one_unconverted_tree_convert_it_once(tmp_path):
 
 
 def test_a_reconversion_never_deletes_what_another_run_reads(tmp_path, monkeypatch):
-    from tricks.pipeline import Loader
+    from tricks.pipeline import Engine, Loader
     from tricks.train.data import resolve_dataset
     monkeypatch.setenv("TRICKS_CACHE", str(tmp_path / "cache"))
     tree = _tree(tmp_path / "tree")
     mine = resolve_dataset(str(tree), log=lambda m: None)   # this run reads it
-    loader = Loader(mine, "train", 4, image_size=16, workers=0)
+    loader = Loader(mine, "train", 4, image_size=16, engine=Engine("native", workers=0))
     _tree(tmp_path / "tree", classes=("a", "b", "c"))       # the tree changes
     env = subprocess_env(TRICKS_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, "-c", RESOLVE, str(tree)], env=env,

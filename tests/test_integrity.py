@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from tricks.pipeline import Loader
-from tricks.pipeline.errors import DataError, RecordError
+from tricks.pipeline import Engine, Loader
+from tricks.errors import DataError, RecordError
 from tricks.pipeline.records import (HEADER_SIZE, INDEX_DTYPE, RecordFile, RecordWriter,
                                      checksum, pack_header)
 from tricks.pipeline.verify import verify
@@ -57,9 +57,9 @@ def _rewrite_index(path, change):
     path.write_bytes(bytes(blob))
 
 
-def _loader(root, split="val", **kw):
-    kw.setdefault("workers", 1)
-    return Loader(root, split, kw.pop("batch_size", 10), image_size=32, **kw)
+def _loader(root, split="val", workers=1, engine_options=None, **kw):
+    return Loader(root, split, kw.pop("batch_size", 10), image_size=32,
+                  engine=Engine("native", workers=workers, **(engine_options or {})), **kw)
 
 
 @pytest.mark.parametrize("cpu_decoder", ["libjpeg-turbo", "pillow"])

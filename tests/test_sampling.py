@@ -226,26 +226,44 @@ def test_plan_defaults_are_torchvisions_and_the_papers():
             assert np.array_equal(ta.indices, tb.indices) and np.allclose(ta.boxes, tb.boxes)
 
 
-@pytest.mark.parametrize("n,batch,world", [(103, 16, 1), (103, 16, 4), (6, 4, 4), (5, 8, 8)])
+@pytest.mark.parametrize("n,batch,world", [(103, 16, 1), (103, 16, 4), (6, 4, 4), (5, 8, 8),
+                                          (10, 4, 4), (10, 16, 4), (11, 8, 4)])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_plan_ranks_together_cover_each_sample_once(n, batch, world, drop_last):
-    # as torch's DistributedSampler without padding: over all ranks, an epoch holds every
-    # record once (a short last batch split as evenly as it goes, a rank with nothing to do
-    # skipped), or every record of the full batches once with drop_last
+def test_plan_ranks_together_cover_each_sample_once_in_equal_batch_counts(n, batch, world,
+                                                                          drop_last):
+    # over all ranks, an epoch holds every record once (or every record of the full global
+    # batches once with drop_last), and every rank yields len(plan) batches of at most
+    # batch / world records: a user's loop with one collective per batch never deadlocks
     h = np.full(n, 40, np.uint32)
     w = np.full(n, 50, np.uint32)
-    seen = []
+    seen, counts = [], []
     for rank in range(world):
         plan = EpochPlan(n, batch, seed=1, train=True, drop_last=drop_last, shuffle=True,
                          rank=rank, world_size=world)
-        for t in plan.tasks(2, h, w, 32):
+        tasks = list(plan.tasks(2, h, w, 32))
+        counts.append(len(tasks))
+        assert [t.batch for t in tasks] == list(range(len(plan)))
+        for t in tasks:
             assert len(t.indices) <= batch // world
             seen.extend(t.indices.tolist())
+    assert counts == [len(plan)] * world
     want = n - n % batch if drop_last else n
-    assert sorted(seen) == sorted(epoch_order(n, 1, 2, True)[:want].tolist())
-    assert len(seen) == want
-    # and its length is torch's DataLoader's for the same batch size and drop_last
-    assert len(plan) == len(DataLoader(range(n), batch_size=batch, drop_last=drop_last))
+    assert len(seen) == want and len(set(seen)) == want
+    if drop_last or world == 1:  # global batches: DataLoader's length
+        assert sorted(seen) == sorted(epoch_order(n, 1, 2, True)[:want].tolist())
+        assert len(plan) == len(DataLoader(range(n), batch_size=batch, drop_last=drop_last))
+
+
+def test_sharded_batches_are_empty_only_when_a_shard_is_shorter_than_the_epoch():
+    # 11 records, 4 ranks, one per rank and batch: shards of 3, 3, 3, 2 in 3 batches each; the
+    # last rank's last batch is empty. With 2 per rank and batch, none is (shards of ≥ 2 fill 2)
+    h = np.full(11, 40, np.uint32)
+    sizes = [[len(t.indices) for t in EpochPlan(11, 4, 0, False, False, False, r, 4)
+              .tasks(0, h, h, 8)] for r in range(4)]
+    assert sizes == [[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0]]
+    sizes = [[len(t.indices) for t in EpochPlan(11, 8, 0, False, False, False, r, 4)
+              .tasks(0, h, h, 8)] for r in range(4)]
+    assert sizes == [[2, 1], [2, 1], [2, 1], [1, 1]]
 
 
 def test_plan_refuses_a_rank_outside_the_world():
@@ -263,7 +281,7 @@ def test_plan_shifts_give_one_shift_per_sample_of_the_ranks_share(world):
         plan = EpochPlan(n, batch, seed=7, train=True, drop_last=False, shuffle=True,
                          rank=rank, world_size=world)
         tasks = list(plan.tasks(1, h, h, 32))
-        assert tasks[-1].batch == len(plan) - 1 or rank >= n % batch  # 2 left for 3 ranks
+        assert len(tasks) == len(plan)
         for t in tasks:
             s = plan.shifts(1, t.batch, pad)
             assert s.shape == (len(t.indices), 2) and int(s.abs().max()) <= pad
@@ -276,24 +294,32 @@ def _reference_tasks(plan, epoch, heights, widths, size, start=0):
     from tricks.pipeline.sampling import (BatchTask, center_boxes, epoch_order,
                                           random_resized_boxes)
     order = epoch_order(plan.n, plan.seed, epoch, plan.shuffle)
+    shards = plan._shard_batches(order) if plan.sharded else None
     for b in range(start, len(plan)):
-        glob = order[b * plan.batch_size:(b + 1) * plan.batch_size]
+        if shards is not None:
+            glob = shards[b]
+            key = (plan.seed, epoch, b, "shard", plan.rank, plan.world_size)
+        else:
+            glob = order[b * plan.batch_size:(b + 1) * plan.batch_size]
+            key = (plan.seed, epoch, b)
         h = torch.from_numpy(heights[glob.numpy()].astype(np.int64))
         w = torch.from_numpy(widths[glob.numpy()].astype(np.int64))
         if plan.train:
-            gen = keyed_generator(plan.seed, epoch, b)
+            gen = keyed_generator(*key)
             boxes = random_resized_boxes(h, w, gen, plan.scale, plan.ratio)
             flips = torch.rand(len(glob), generator=gen) < 0.5
+            if not plan.flip:
+                flips[:] = False
         else:
             boxes = center_boxes(h, w, plan.crop_ratio)
             flips = torch.zeros(len(glob), dtype=torch.bool)
-        mine = torch.tensor_split(torch.arange(len(glob)), plan.world_size)[plan.rank]
-        if len(mine) == 0:
-            continue
-        yield BatchTask(epoch, b, glob[mine].numpy(), boxes[mine].numpy(),
-                        flips[mine].numpy(), size)
+        if shards is None:
+            mine = torch.tensor_split(torch.arange(len(glob)), plan.world_size)[plan.rank]
+            glob, boxes, flips = glob[mine], boxes[mine], flips[mine]
+        yield BatchTask(epoch, b, glob.numpy(), boxes.numpy(), flips.numpy(), size)
 
 
+@pytest.mark.parametrize("flip", [True, False])
 @pytest.mark.parametrize("n,batch,world,train,drop_last,scale,ratio", [
     (5000, 64, 1, True, True, (0.08, 1.0), (3 / 4, 4 / 3)),
     (20000, 256, 2, True, True, (0.08, 1.0), (3 / 4, 4 / 3)),
@@ -301,10 +327,11 @@ def _reference_tasks(plan, epoch, heights, widths, size, start=0):
     (3000, 30, 3, True, True, (0.35, 1.0), (3 / 4, 4 / 3)),
     (2000, 7, 1, True, False, (1.0, 1.0), (1.0, 1.0)),      # pad-and-crop's whole image
     (3001, 64, 2, False, False, (0.08, 1.0), (3 / 4, 4 / 3)),
-    (10, 8, 4, True, False, (0.08, 1.0), (3 / 4, 4 / 3)),   # a last batch smaller than ranks
+    (10, 8, 4, True, False, (0.08, 1.0), (3 / 4, 4 / 3)),   # shards with empty batches
+    (10, 8, 4, True, True, (0.08, 1.0), (3 / 4, 4 / 3)),
 ])
 def test_tasks_draw_the_same_crops_and_flips_as_the_per_batch_torch_version(
-        n, batch, world, train, drop_last, scale, ratio):
+        n, batch, world, train, drop_last, scale, ratio, flip):
     rng = np.random.default_rng(n)
     # photo-like sizes, and extremes that make every try miss (the fallback both ways)
     heights = rng.integers(1, 600, n).astype(np.uint32)
@@ -313,7 +340,8 @@ def test_tasks_draw_the_same_crops_and_flips_as_the_per_batch_torch_version(
     heights[::19], widths[::19] = 3000, 2
     for rank in range(world):
         plan = EpochPlan(n, batch, 7, train, drop_last, shuffle=train, rank=rank,
-                         world_size=world, scale=scale, ratio=ratio, crop_ratio=0.875)
+                         world_size=world, scale=scale, ratio=ratio, crop_ratio=0.875,
+                         flip=flip)
         for epoch, start in ((0, 0), (3, min(5, len(plan)))):
             new = list(plan.tasks(epoch, heights, widths, 32, start))
             old = list(_reference_tasks(plan, epoch, heights, widths, 32, start))

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tricks.errors import UserError
 from tricks.pipeline.atomic import atomic_write, disk_error
-from tricks.pipeline.errors import UserError
 
 FORMAT_VERSION = 1
 

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tricks.errors import UserError
 from tricks.pipeline.atomic import atomic_write, disk_error
-from tricks.pipeline.errors import UserError
 
 
 def read_jsonl(path: Path) -> list[dict]:
