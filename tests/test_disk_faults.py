@@ -110,6 +110,23 @@ def test_two_processes_creating_a_run_directory_at_once_get_two(tmp_path):
         assert {Path(x).name, Path(y).name} == {"run", "run-2"}
 
 
+def test_a_run_directory_taken_at_the_moment_it_is_made_is_not_an_error(tmp_path,
+                                                                        monkeypatch):
+    """Another process creates ``run`` between this one's choice of the name and its mkdir
+    (the race, made certain): this one takes ``run-2``."""
+    import pathlib
+    real = pathlib.Path.mkdir
+    raced = []
+
+    def mkdir(self, *a, **k):
+        if self.name == "run" and not raced:
+            raced.append(self)
+            real(self)  # the other process, first
+        return real(self, *a, **k)
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    assert make_run_dir(str(tmp_path), "run").name == "run-2"
+
+
 def test_an_unwritable_run_folder_is_one_line(tmp_path, monkeypatch):
     import pathlib
     real = pathlib.Path.mkdir
@@ -162,11 +179,15 @@ def _tree(root: Path, n=8, classes=("a", "b")):
 
 
 RESOLVE = """
-import importlib, sys, time
+import importlib, os, sys, time
 c = importlib.import_module("tricks.pipeline.convert")
 slow = c.inspect_and_encode
 def encode(*a, **k):
-    time.sleep(0.05)
+    time.sleep(float(os.environ.get("SLOW", "0.05")))
+    gate = os.environ.get("GATE")
+    t = time.monotonic()
+    while gate and not os.path.exists(gate) and time.monotonic() - t < 60:
+        time.sleep(0.01)  # held until the test opens the gate
     return slow(*a, **k)
 c.inspect_and_encode = encode
 from tricks.train.data import resolve_dataset
@@ -176,18 +197,34 @@ print("RESULT", resolve_dataset(sys.argv[1], log=lambda m: print("LOG", m, flush
 
 @pytest.mark.slow
 def test_two_runs_on_one_unconverted_tree_convert_it_once(tmp_path):
+    """The second run starts while the first converts (held at its first image until the
+    second has said what it does)."""
     tree = _tree(tmp_path / "tree")
+    gate = tmp_path / "go"
     env = subprocess_env(TRICKS_CACHE=str(tmp_path / "cache"))
-    procs = [subprocess.Popen([sys.executable, "-c", RESOLVE, str(tree)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
-    results = [ln for o, _ in outs for ln in o.splitlines() if ln.startswith("RESULT")]
+    run = [sys.executable, "-c", RESOLVE, str(tree)]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(run, env={**env, "GATE": str(gate)}, **pipes)
+    said1 = []
+    for line in first.stdout:
+        said1.append(line)
+        if line.startswith("LOG converting"):
+            break
+    second = subprocess.Popen(run, env=env, **pipes)
+    said2 = [second.stdout.readline()]  # its first word: waiting, or (before) converting itself
+    gate.touch()
+    out1, err1 = first.communicate(timeout=120)
+    out2, err2 = second.communicate(timeout=120)
+    assert (first.returncode, second.returncode) == (0, 0), (err1[-1500:], err2[-1500:])
+    outs = ["".join(said1) + out1, "".join(said2) + out2]
+    results = [ln for o in outs for ln in o.splitlines() if ln.startswith("RESULT")]
     assert len(results) == 2 and results[0] == results[1]
-    logs = [ln for o, _ in outs for ln in o.splitlines() if ln.startswith("LOG")]
+    logs = [ln for o in outs for ln in o.splitlines() if ln.startswith("LOG")]
     assert sum(ln.startswith("LOG converting") for ln in logs) == 1, logs
-    assert sum("waiting for another process" in ln for ln in logs) <= 1
+    # the second run only waited: it neither converted nor deleted anything
+    said = [ln for ln in outs[1].splitlines() if ln.startswith("LOG")]
+    assert said and all("waiting for another process" in ln or "acquired" in ln
+                        for ln in said), said
 
 
 def test_a_reconversion_never_deletes_what_another_run_reads(tmp_path, monkeypatch):
