@@ -280,14 +280,16 @@ def bench_plan(records: int, reps: int) -> list[dict]:
             torch.set_num_threads(threads)
             for name, make in (("new", lambda: plan.tasks(0, heights, widths, 224)),
                                ("old", lambda: _old_plan(plan, 0, heights, widths, 224))):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 for _ in make():
                     pass
                 raw.setdefault((name, threads), []).append(time.perf_counter() - t)
+                raw.setdefault((name, threads, "cpu"), []).append(time.process_time() - c)
     torch.set_num_threads(default)
-    return [entry(f"plan-{name}-threads{threads}", {"records": records, "batch": 256,
-                                                    "torch_threads": threads}, v, "s")
-            for (name, threads), v in raw.items()]
+    return [entry(f"plan-{key[0]}-threads{key[1]}{'-cpu' if len(key) == 3 else ''}",
+                  {"records": records, "batch": 256, "torch_threads": key[1]}, v,
+                  "CPU s (this process, all threads)" if len(key) == 3 else "s")
+            for key, v in raw.items()]
 
 
 # --- hot path ----------------------------------------------------------------------------------

@@ -51,8 +51,9 @@ def get_parser() -> argparse.ArgumentParser:
                          "else the first and last of each epoch)")
 
     b = sub.add_parser("bench", help="benchmarks: train (Table 3), models (Table 5), loader, "
-                       "augment; `tricks bench NAME --help` for each")
-    b.add_argument("name", choices=["train", "models", "loader", "augment"])
+                       "augment, scale (convert, start-up, plan at ImageNet size); "
+                       "`tricks bench NAME --help` for each")
+    b.add_argument("name", choices=["train", "models", "loader", "augment", "scale"])
     b.add_argument("args", nargs=argparse.REMAINDER)
 
     # `tricks ablate …` is handed whole to benchmarks.ablate's own parser (see main)
@@ -208,7 +209,7 @@ def cmd_lr(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
     module = {"train": "throughput", "models": "model_table", "loader": "loader",
-              "augment": "augment"}[args.name]
+              "augment": "augment", "scale": "scale"}[args.name]
     return importlib.import_module(f"tricks.benchmarks.{module}").main(args.args)
 
 
