@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time

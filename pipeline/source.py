@@ -161,9 +161,10 @@ def resolve_dataset(path: str | None, max_side: int | None = None, quality: int 
                  if p.name[1:].isdigit()], default=0) + 1
         new = base / f"g{n}"
         if changes:
+            more = " …" if len(changes) > 3 else ""
             log(f"{src} changed since its conversion into {current} ({len(changes)} "
-                f"folder(s) or file(s): {', '.join(changes[:3])}{' …' if len(changes) > 3 else ''}"
-                f"): converting it again into {new}, copying the records of unchanged files")
+                f"folder(s) or file(s): {', '.join(changes[:3])}{more}): converting it again "
+                f"into {new}, copying the records of unchanged files")
         else:
             log(f"converting {src} into {new} (once; `tricks convert` does this ahead of time)")
         log(format_report(convert(src, new, max_side=max_side, quality=quality, log=log,

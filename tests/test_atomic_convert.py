@@ -188,3 +188,16 @@ def test_a_conversion_cli_on_a_full_disk_prints_one_line(tmp_path):
     lines = [ln for ln in out.stderr.splitlines() if "error" in ln.lower() or "Trace" in ln]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no space left" in lines[0]
     assert "val.rec.tmp" in lines[0]
+
+
+def test_a_folder_left_by_an_older_killed_conversion_is_named_with_its_temporary_files(tmp_path):
+    """What an older tricks left after kill -9: the destination holding only ``train.rec.tmp``
+    (issue 24, fault 6: it was taken for an empty ImageFolder tree)."""
+    from tricks.train.data import resolve_dataset
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "train.rec.tmp").write_bytes(b"\0" * 300_000)
+    with pytest.raises(DataError) as e:
+        resolve_dataset(str(dst), log=lambda m: None)
+    msg = str(e.value)
+    assert "interrupted conversion" in msg and "train.rec.tmp" in msg and "300 kB" in msg

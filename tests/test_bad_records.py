@@ -95,7 +95,8 @@ def test_the_substitute_is_the_next_good_record_with_its_own_crop(shapes_records
     task = next(loader.plan.tasks(0, loader._heights, loader._widths, 24))
     screened = loader.bad_records.screen(task)
     hit = np.isin(task.indices, [5, 6])
-    assert (screened.indices[hit] == 7).all() and (screened.indices[~hit] == task.indices[~hit]).all()
+    assert (screened.indices[hit] == 7).all()
+    assert (screened.indices[~hit] == task.indices[~hit]).all()
     loader.close()
 
 
