@@ -170,9 +170,13 @@ def resolve_dataset(path: str | None, max_side: int | None = None, quality: int 
         log(format_report(convert(src, new, max_side=max_side, quality=quality, log=log,
                                   reuse_from=current)))
         tmp = base / f".{CURRENT}.tmp"
-        tmp.unlink(missing_ok=True)
-        os.symlink(new.name, tmp)
-        os.replace(tmp, base / CURRENT)
+        try:
+            tmp.unlink(missing_ok=True)
+            os.symlink(new.name, tmp)
+            os.replace(tmp, base / CURRENT)  # the new conversion, in one rename
+        except OSError as e:
+            raise atomic.disk_error(e, base / CURRENT, "cannot write the dataset cache") \
+                from None
         _hold(new)
         _collect(base, new)
     return new

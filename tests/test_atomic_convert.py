@@ -166,6 +166,7 @@ def test_a_read_only_destination_is_one_line(tmp_path, monkeypatch):
     assert list(ro.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_conversion_cli_on_a_full_disk_prints_one_line(tmp_path):
     """The CLI end to end in a subprocess whose writes of the second split fail (ENOSPC)."""
     src = _tree(tmp_path / "src")
