@@ -653,6 +653,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_side: int | N
         _check_trained(classes, Counter(train.classes))
     if dst.exists() and not dst.is_dir():
         raise DataError(f"{dst}: exists and is not a folder (the destination of a conversion)")
+    _check_replaceable(dst)
     if dst.name.endswith(atomic.PARTIAL_SUFFIX):
         raise DataError(f"{dst}: names a conversion's temporary folder; convert into "
                         f"{dst.name[:-len(atomic.PARTIAL_SUFFIX)]} instead")
@@ -677,6 +678,23 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_side: int | N
             shutil.rmtree(part, ignore_errors=True)
             raise
     return report
+
+
+_OURS = (CLASSES_FILE, "report.json", SOURCE_FILE, ".in-use")
+_OUR_SUFFIXES = (".rec", ".beton", ".sources.npz", ".tmp")
+
+
+def _check_replaceable(dst: Path) -> None:
+    """A destination that exists must be empty or a converted dataset (only files a conversion
+    writes): it is replaced whole, and nothing else in it may be deleted with it."""
+    if not dst.is_dir():
+        return
+    foreign = sorted(p.name for p in dst.iterdir()
+                     if p.name not in _OURS and not p.name.endswith(_OUR_SUFFIXES))
+    if foreign:
+        raise DataError(f"{dst}: exists and holds files a conversion does not write "
+                        f"({', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}); it would "
+                        "be replaced whole: convert into a new or empty folder")
 
 
 def _prepare(part: Path, options: dict, log) -> dict:

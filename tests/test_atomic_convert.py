@@ -202,3 +202,13 @@ def test_a_folder_left_by_an_older_killed_conversion_is_named_with_its_temporary
         resolve_dataset(str(dst), log=lambda m: None)
     msg = str(e.value)
     assert "interrupted conversion" in msg and "train.rec.tmp" in msg and "300 kB" in msg
+
+
+def test_a_destination_holding_other_files_is_refused_not_replaced(tmp_path):
+    src = _tree(tmp_path / "src")
+    dst = tmp_path / "mine"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="holds files a conversion does not write \\(notes.txt\\)"):
+        convert(src, dst, workers=0, progress=False)
+    assert (dst / "notes.txt").read_text() == "keep me"
