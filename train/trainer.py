@@ -21,6 +21,7 @@ from tricks.pipeline.errors import UserError
 
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .compiler import require_compiler
 from .config import Config, ConfigError, dump_config
 from .data import make_loaders, resolve_dataset
 from .distill import DistillationLoss
@@ -122,13 +123,14 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> li
 def train_step(model, images, targets, criterion, optimizer, scaler, autocast, accumulate=1,
                teacher=None):
     """One optimizer step over ``accumulate`` micro-batches of the batch; gradients are
-    all-reduced by DDP on the last micro-batch only. Returns the mean loss and the logits.
+    all-reduced by DDP on the last micro-batch only. Returns the mean loss (a 0-dim device
+    tensor) and the logits (N×K, detached).
 
-    Under ``torch.compile(mode="reduce-overhead")`` each micro-batch replays a CUDA graph whose
-    outputs live in memory the next replay overwrites (pytorch/pytorch#148439): with
-    ``accumulate > 1`` each micro-batch starts a new CUDA-graph step
-    (``torch.compiler.cudagraph_mark_step_begin``) and its logits are cloned before the next
-    one runs. Without CUDA graphs both are no-ops but for one N×K copy."""
+    Under CUDA graphs (``torch.compile`` with ``reduce-overhead`` or ``max-autotune``) only
+    ``accumulate=1`` is correct: a later micro-batch's replay overwrites the gradients the
+    earlier one left in graph-owned memory (pytorch/pytorch#169545, #96693), so the config
+    refuses the combination (``train/config.py``). With one micro-batch the logits returned are
+    graph outputs, valid until the model's next call."""
     optimizer.zero_grad(set_to_none=True)
     total, all_logits = 0.0, []
     chunks = list(zip(images.tensor_split(accumulate), targets.tensor_split(accumulate)))
@@ -136,8 +138,6 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
         last = i == len(chunks) - 1
         sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
         with sync:
-            if accumulate > 1:
-                torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 logits = model(x)
                 if teacher is not None:
@@ -148,7 +148,7 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
                     loss = criterion(logits, t)
             scaler.scale(loss / accumulate).backward()
         total = total + loss.detach() / accumulate
-        all_logits.append(logits.detach().clone() if accumulate > 1 else logits.detach())
+        all_logits.append(logits.detach())
     scaler.step(optimizer)
     scaler.update()
     return total, all_logits[0] if accumulate == 1 else torch.cat(all_logits)
@@ -252,6 +252,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         torch.backends.cudnn.benchmark = t.cudnn_benchmark
         if t.compile:
+            require_compiler(self.device.type)  # one line now, not a traceback in step 1
             self.net = torch.compile(self.net, mode=t.compile_mode)
         # our EMA, not AveragedModel: no blocking copy of its update count per step
         self.ema = ExponentialMovingAverage(model, t.ema_decay) if t.ema_decay else None
