@@ -167,8 +167,9 @@ def evaluate(model, loader, criterion, autocast, progress: bool = False, prefix:
             logits = model(images)
             loss = criterion(logits, labels)
         a1, a5 = accuracy_counts(logits, labels)
+        # the count by a fill kernel: ``torch.tensor(n, device=…)`` is a blocking copy a batch
         sums += torch.stack([loss.double() * len(labels), a1.double(), a5.double(),
-                             torch.tensor(float(len(labels)), device=device)])
+                             torch.full((), len(labels), device=device, dtype=torch.float64)])
     loss, c1, c5, n = distributed.all_reduce_sum(sums).tolist()
     return {f"{prefix}_loss": loss / n, f"{prefix}_top1": c1 / n, f"{prefix}_top5": c5 / n,
             f"{prefix}_images": int(n)}
@@ -407,9 +408,14 @@ class Trainer:
         self._signal = signum
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([float(self._signal is not None)], device=self.device)
-        return bool(distributed.all_reduce_sum(flag).item() > 0) if self.dist.enabled \
-            else self._signal is not None
+        """Whether any rank got a stop signal. One process: the flag itself, no device work.
+        Under DDP every rank must stop at the same step: the flags are summed over the ranks
+        and read back (one host sync per log window; the flag is made by a fill kernel, not
+        copied from the host)."""
+        if not self.dist.enabled:
+            return self._signal is not None
+        flag = torch.full((1,), float(self._signal is not None), device=self.device)
+        return bool(distributed.all_reduce_sum(flag).item() > 0)
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
