@@ -157,7 +157,12 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
 @torch.no_grad()
 def evaluate(model, loader, criterion, autocast, progress: bool = False, prefix: str = "val"
              ) -> dict:
-    """Top-1/top-5 and loss over this rank's shard, summed over ranks (shards are disjoint)."""
+    """Top-1/top-5 and loss over this rank's shard, summed over ranks (shards are disjoint).
+
+    Under DDP (every rank calls it) the model's BatchNorm running statistics are first averaged
+    over the ranks, in place (the trainer's DDP does not broadcast buffers, so each rank's
+    follow its own shard): every rank then evaluates, and rank 0 checkpoints, the same model."""
+    distributed.average_buffers(model)
     model.eval()
     device = loader.device
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1, top-5, count
@@ -249,8 +254,16 @@ class Trainer:
         self.model = model
         self.net = model
         if self.dist.enabled:
+            # broadcast_buffers=False: no broadcast of every BN buffer before each forward; each
+            # rank's running statistics follow its own shard and ``evaluate`` averages them
+            # over the ranks first (timm's distribute_bn, "reduce"). gradient_as_bucket_view:
+            # the gradients are the all-reduce buckets (no copy, one gradient-sized buffer
+            # less). static_graph only without accumulation: with no_sync() it crashes or stops
+            # all-reducing (pytorch/pytorch#187732, huggingface/accelerate#3679).
             self.net = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, gradient_as_bucket_view=True,
+                static_graph=t.accumulate == 1)
         torch.backends.cudnn.benchmark = t.cudnn_benchmark
         if t.compile:
             require_compiler(self.device.type)  # one line now, not a traceback in step 1
