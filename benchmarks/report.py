@@ -60,6 +60,10 @@ def _rate(v):  # CPU rates are small: keep a decimal there
     return _fmt(v, ",.1f" if v is not None and v < 100 else ",.0f")
 
 
+def _times(v):
+    return "—" if v is None else f"{v:.2f}×"
+
+
 def _gib(mb):  # peak memory is only known on CUDA
     return "—" if mb is None else f"{mb / 1024:.1f}"
 
@@ -78,11 +82,12 @@ def write_markdown(json_path: Path, summary: dict, title: str = "", notes: str =
                                                 else "")
                           for k, v in r["extra"].items() if k != "baseline-strict")
         vs_strict = r["efficient"] / strict if strict and r["efficient"] else None
+        base = _rate(r["baseline"]) + (f" ({r['baseline_batch']})" if r["baseline"] else "")
+        eff = _rate(r["efficient"]) + (f" ({r['efficient_batch']}, {r['efficient_precision']})"
+                                       if r["efficient"] else "")
         lines.append(
-            f"| {r['model']} | {r['input']} | {_rate(r['baseline'])} ({r['baseline_batch']}) | "
-            f"{_rate(strict)} | "
-            f"{_rate(r['efficient'])} ({r['efficient_batch']}, {r['efficient_precision']}) | "
-            f"{_fmt(r['ratio'], '.2f')}× | {_fmt(vs_strict, '.2f')}× | "
+            f"| {r['model']} | {r['input']} | {base} | {_rate(strict)} | {eff} | "
+            f"{_times(r['ratio'])} | {_times(vs_strict)} | "
             f"{_fmt(r['baseline_epoch_min'], '.1f')} | "
             f"{_fmt(r['efficient_epoch_min'], '.1f')} | {_gib(r['baseline_peak_mb'])} / "
             f"{_gib(r['efficient_peak_mb'])} | {extra} |")
