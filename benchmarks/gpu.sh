@@ -147,7 +147,8 @@ else
   say "no DALI here (import nvidia.dali failed): native engine only"
 fi
 no_compiler=$($py -c 'import torch; from tricks.train.compiler import missing_compiler
-print(missing_compiler("cuda" if torch.cuda.is_available() else "cpu") or "")' 2>&1)
+print(missing_compiler("cuda" if torch.cuda.is_available() else "cpu") or "")' 2>/dev/null) ||
+  no_compiler="the compiler check failed to run (see the preflight)"
 
 # generated ImageNet-sized JPEGs, converted; kept in $TRICKS_CACHE between parts
 cat > "$R/jpegs.py" <<'PY'
