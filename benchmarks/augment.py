@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
+from tricks.errors import exit_on_user_error
 from tricks.models import create_model
 from tricks.pipeline.augment import ColorJitter, Cutout, Lighting, RandomErasing
 from tricks.pipeline.autoaugment import BatchAutoAugment
@@ -123,6 +124,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # through the CLI: its one-line errors
-    from tricks.train.cli import main as tricks
-    sys.exit(tricks(["bench", "augment", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main))

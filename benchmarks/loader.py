@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tricks.pipeline import Loader
+from tricks.errors import exit_on_user_error
+from tricks.pipeline import Engine, Loader, Output
 from tricks.pipeline.convert import convert
-from tricks.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
+from tricks.pipeline.options import IMAGENET_MEAN, IMAGENET_STD
 from tricks.train.data import cache_dir
 
 from .results import OUT_HELP, Timer, entry, resolve_device, resolve_dtype, write_results
@@ -119,9 +120,12 @@ class _LoaderRun:
 
     def __init__(self, records: Path, args, size: int, workers: int, device, dtype,
                  engine: str, decode: str, options: dict, stack: bool):
+        if engine == "native":
+            options = {"decode": decode, **options}
         self.loader = Loader(records, "train", args.batch, image_size=size, device=device,
-                             dtype=dtype, workers=workers, decode=decode, seed=0, engine=engine,
-                             engine_options=options, **(trick_stack() if stack else {}))
+                             output=Output(dtype),
+                             engine=Engine(engine, workers=workers, **options),
+                             **(trick_stack() if stack else {}))
         self.device, self.epochs = device, 0
 
     def epoch(self) -> tuple[int, float]:
@@ -478,6 +482,5 @@ def write_loader_report(json_path: Path) -> tuple[Path, Path]:
     return md, png
 
 
-if __name__ == "__main__":  # through the CLI: its one-line errors
-    from tricks.train.cli import main as tricks
-    sys.exit(tricks(["bench", "loader", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tricks.errors import exit_on_user_error
 from tricks.models import count_macs, count_params, create_model
 
 from .results import default_results_dir, parse_models
@@ -60,6 +61,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # through the CLI: its one-line errors
-    from tricks.train.cli import main as tricks
-    sys.exit(tricks(["bench", "models", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main))

@@ -15,18 +15,15 @@ import torch
 from tricks.train.rundir import device_name, environment
 from tricks.train.trainer import DTYPES
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-OUT_HELP = ("results folder (default: benchmarks/results/<device>/ in a source checkout, "
-            "./benchmarks-results/<device>/ for an installed package)")
+OUT_HELP = ("results folder (default: ./benchmarks-results/<device>/; the committed results are "
+            "written with --out benchmarks/results/<device>)")
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's training set
 
 
-def default_results_dir(package_dir: Path = _PACKAGE_DIR) -> Path:
-    """Where results go without ``--out``: ``benchmarks/results/`` of a source checkout (beside
-    the committed results), or ``./benchmarks-results/`` under the current directory when the
-    package is installed (never into site-packages)."""
-    if (package_dir.parent / "pyproject.toml").is_file():
-        return package_dir / "results"
+def default_results_dir() -> Path:
+    """Where results go without ``--out``: ``./benchmarks-results/`` under the current
+    directory, never the package (site-packages, or the committed ``benchmarks/results/`` of
+    an editable install: a trial run must not overwrite the record)."""
     return Path.cwd() / "benchmarks-results"
 
 

@@ -38,10 +38,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tricks.errors import exit_on_user_error
 from tricks.benchmarks.results import entry, resolve_device, write_results
 from tricks.pipeline.convert import convert
 from tricks.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
-from tricks.train.cli import config_path
+from tricks.train.config import preset_path as config_path
 from tricks.train.config import Config, load_config
 from tricks.train.schedule import scaled_lr
 from tricks.train.trainer import Trainer, build_model
@@ -214,4 +215,4 @@ def _write(args, name: str, cfg: Config, device: torch.device, top1: dict, wall:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -38,8 +38,9 @@ from pathlib import Path
 
 import torch
 
+from tricks.errors import exit_on_user_error
 from tricks.models import create_model, default_input_size
-from tricks.pipeline import Loader
+from tricks.pipeline import Engine, Loader, Output
 from tricks.pipeline.augment import ColorJitter, Lighting, RandomErasing
 from tricks.pipeline.mix import Mixup
 from tricks.pipeline.records import read_classes
@@ -86,6 +87,11 @@ def _precision(name: str, device: torch.device) -> str:
     return "bf16" if name == "fp16" and device.type != "cuda" else name
 
 
+def _engine(args, name: str) -> Engine:
+    options = {"decode": args.decode} if name == "native" else {}
+    return Engine(name, workers=args.workers, **options)
+
+
 class Feed:
     """Endless (images, labels): one synthetic batch on the device, or a real engine's batches
     epoch after epoch; ``wait_time`` is the time spent blocked on the engine. For an engine,
@@ -110,9 +116,8 @@ class Feed:
             self.batch = x, labels
         else:
             self.loader = Loader(args.data, "train", batch, image_size=size, device=device,
-                                 dtype=dtype, channels_last=channels_last, engine=args.input,
-                                 decode=args.decode if args.input == "native" else "auto",
-                                 workers=args.workers, augment=augment, mix=mix)
+                                 output=Output(dtype, channels_last),
+                                 engine=_engine(args, args.input), augment=augment, mix=mix)
             self.batches_per_epoch = len(self.loader)
             self.epoch, self.left, self.it = 0, self.batches_per_epoch, iter(self.loader)
 
@@ -356,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for engine in inputs[1:]:  # a bad engine, file or a too small dataset fails now, not later
         loader = Loader(args.data, "train", max(batches.values()), image_size=32,
-                        device=device, engine=engine, workers=args.workers,
-                        decode=args.decode if engine == "native" else "auto")
+                        device=device, engine=_engine(args, engine))
         per_epoch = len(loader)
         loader.close()
         if per_epoch < args.steps + REFILL_STEPS:
@@ -404,6 +408,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # through the CLI: its one-line errors
-    from tricks.train.cli import main as tricks
-    sys.exit(tricks(["bench", "train", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main))

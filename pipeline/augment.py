@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .errors import OptionError, check_nonneg, check_prob
+from tricks.errors import OptionError
+from .options_check import check_nonneg, check_prob
 from .sampling import area_ratio_boxes
 from .transfer import to_device
 
@@ -213,18 +215,17 @@ def draw_erasing(n: int, h: int, w: int, gen: torch.Generator, p=0.5, area=(0.02
 
 
 def apply_erasing(x: torch.Tensor, d: ErasingDraw, fill: str = "random",
-                  mean=(0.485, 0.456, 0.406), gen: torch.Generator | None = None) -> torch.Tensor:
-    boxes, mean = to_device([d.boxes, torch.tensor(mean, dtype=torch.float32)], x.device)
+                  gen: torch.Generator | None = None) -> torch.Tensor:
+    """Fill each sample's drawn box: "random" (uniform noise from ``gen``) or "zero"."""
+    (boxes,) = to_device([d.boxes], x.device)
     mask = _box_mask(x, boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
     if fill == "random":
         g = device_generator(gen, x.device) if gen is not None else None
         values = torch.empty_like(x).uniform_(generator=g)
-    elif fill == "mean":
-        values = mean.to(x.dtype).view(1, 3, 1, 1)
     elif fill == "zero":
         values = torch.zeros((), device=x.device, dtype=x.dtype)
     else:
-        raise OptionError(f"erasing fill must be random, mean or zero, got {fill!r}")
+        raise OptionError(f"erasing fill must be random or zero, got {fill!r}")
     return torch.where(mask, values, x)
 
 
@@ -283,8 +284,13 @@ class Cutout:
 
 
 class RandomErasing:
-    def __init__(self, p=0.5, area=(0.02, 0.4), ratio=0.3, fill="random",
-                 mean=(0.485, 0.456, 0.406)):
+    """Random erasing (Zhong et al. 2020; torchvision's ``RandomErasing``): with probability
+    ``p`` a box of area fraction in ``area`` and aspect ratio in [``ratio``, 1/``ratio``]
+    (log-uniform, up to 10 tries) is filled with ``fill``: "random" (uniform noise in [0, 1]),
+    "zero" (black) or "mean" (the dataset mean: the op then runs after normalization, as cutout,
+    and fills 0, which is the Loader's own mean, whatever ``Output(mean)`` says)."""
+
+    def __init__(self, p=0.5, area=(0.02, 0.4), ratio=0.3, fill="random"):
         self.p = check_prob("erasing p", p)
         if not (0 < area[0] <= area[1] < 1):
             raise OptionError(f"erasing area must satisfy 0 < sl ≤ sh < 1, got {list(area)}")
@@ -292,9 +298,115 @@ class RandomErasing:
             raise OptionError(f"erasing ratio r1 must be in (0, 1], got {ratio}")
         if fill not in ("random", "mean", "zero"):
             raise OptionError(f"erasing fill must be random, mean or zero, got {fill!r}")
-        self.area, self.ratio, self.fill, self.mean = tuple(area), ratio, fill, mean
+        self.area, self.ratio, self.fill = tuple(area), ratio, fill
+        self.after_normalize = fill == "mean"
 
     def __call__(self, x, gen):
         h, w = x.shape[2:]
         d = draw_erasing(len(x), h, w, gen, self.p, self.area, self.ratio)
-        return keep_layout(x, apply_erasing(x, d, self.fill, self.mean, gen))
+        # after normalization the mean is 0
+        fill = "zero" if self.fill == "mean" else self.fill
+        return keep_layout(x, apply_erasing(x, d, fill, gen=gen))
+
+
+class RandomGrayscale:
+    """torchvision's ``RandomGrayscale(p)``: each sample, with probability ``p``, becomes its
+    ITU-R 601 luma (0.2989 R + 0.587 G + 0.114 B) in all three channels."""
+
+    def __init__(self, p: float = 0.1):
+        self.p = check_prob("grayscale p", p)
+
+    def __call__(self, x, gen):
+        (pick,) = to_device([torch.rand(len(x), generator=gen) < self.p], x.device)
+        return keep_layout(x, torch.where(pick.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x))
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """N×size normalised 1-D Gaussian kernels, one per σ (torchvision's
+    ``_get_gaussian_kernel1d``: taps at −(size−1)/2 … (size−1)/2)."""
+    half = (size - 1) * 0.5
+    t = torch.linspace(-half, half, size, dtype=sigma.dtype, device=sigma.device)
+    pdf = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
+    return pdf / pdf.sum(1, keepdim=True)
+
+
+class GaussianBlur:
+    """torchvision's ``GaussianBlur(kernel_size, sigma)``: σ uniform in ``sigma`` per sample, a
+    ``kernel_size``² Gaussian with reflected borders; here applied to each sample with
+    probability ``p`` (``RandomApply``'s role; SimCLR blurs half the images). Done as two 1-D
+    passes with a kernel per sample (one grouped convolution each), which equals torchvision's
+    2-D kernel (the outer product of the two) up to float rounding."""
+
+    def __init__(self, kernel_size: int = 9, sigma: tuple[float, float] = (0.1, 2.0),
+                 p: float = 1.0):
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise OptionError(f"blur kernel_size must be an odd integer ≥ 1, got {kernel_size!r}")
+        if not 0 < sigma[0] <= sigma[1]:
+            raise OptionError(f"blur sigma must satisfy 0 < min ≤ max, got {list(sigma)}")
+        self.size, self.sigma, self.p = kernel_size, tuple(sigma), check_prob("blur p", p)
+
+    def __call__(self, x, gen):
+        n, c, h, w = x.shape
+        r = self.size // 2
+        if r >= min(h, w):
+            raise OptionError(f"blur kernel_size {self.size} needs images larger than "
+                              f"{r}×{r} (reflected borders), got {h}×{w}")
+        sigma = _uniform(n, gen, *self.sigma).float()
+        applied = torch.rand(n, generator=gen) < self.p
+        k, applied = to_device([gaussian_kernels(sigma, self.size), applied], x.device)
+        k = k.to(torch.float32).repeat_interleave(c, 0)  # (N·C) × size
+        xf = F.pad(x.float().reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
+        xf = F.conv2d(xf, k.view(n * c, 1, 1, self.size), groups=n * c)
+        xf = F.conv2d(xf, k.view(n * c, 1, self.size, 1), groups=n * c)
+        out = xf.view(n, c, h, w).to(x.dtype)
+        return keep_layout(x, torch.where(applied.view(-1, 1, 1, 1), out, x))
+
+
+class PerSample:
+    """A per-sample transform run as a batch op: ``PerSample(T.RandomRotation(15))``.
+
+    ``transform`` takes one image (float 3×H×W in [0, 1], on the Loader's device) and returns
+    one of the same shape and dtype: torchvision's transforms (v1 and v2) on tensors, or any
+    such function. Each image gets its own draw: torch's, Python's and NumPy's global
+    generators are seeded per image from the batch's keyed generator (and restored after), so
+    the draws, like every op's, depend only on (seed, epoch, batch, rank): a resumed run and
+    another device draw the same. A Python loop over the images: use it for what has no batch
+    op (``tricks.pipeline.augment``, ``.autoaugment`` have the common ones).
+
+    Raises ``OptionError`` (naming the transform) when it returns another shape or type.
+    """
+
+    def __init__(self, transform, after_normalize: bool = False):
+        if not callable(transform):
+            raise OptionError(f"PerSample({transform!r}): not callable")
+        self.transform = transform
+        self.after_normalize = after_normalize
+
+    def __repr__(self) -> str:
+        return f"PerSample({self.transform!r})"
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        import random
+
+        import numpy as np
+        seeds = torch.randint(0, 2**62, (len(x),), generator=gen).tolist()
+        devices = [x.device] if x.device.type == "cuda" else []
+        py, npy = random.getstate(), np.random.get_state()
+        out = torch.empty_like(x)
+        try:
+            with torch.random.fork_rng(devices=devices):
+                for k, seed in enumerate(seeds):
+                    torch.manual_seed(seed)
+                    random.seed(seed)
+                    np.random.seed(seed % 2**32)
+                    y = self.transform(x[k])
+                    if not isinstance(y, torch.Tensor) or y.shape != x[k].shape:
+                        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                        raise OptionError(f"PerSample({self.transform!r}) returned {got} for "
+                                          f"a {tuple(x[k].shape)} image; it must return a "
+                                          "tensor of the same shape")
+                    out[k] = y
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+        return out

@@ -1,4 +1,5 @@
-"""AutoAugment (Cubuk et al. 2018), ImageNet policy, one sub-policy drawn per sample, on a batch.
+"""AutoAugment (Cubuk et al. 2018), RandAugment (Cubuk et al. 2020) and TrivialAugment Wide
+(Müller & Hutter 2021), on a batch, each sample with its own draw.
 
 The policy table and magnitude bins are torchvision's (``AutoAugment._get_policies``,
 ``_augmentation_space``). What is ours is running it on a batch: each op is implemented once
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torchvision.transforms.autoaugment import AutoAugment, AutoAugmentPolicy
 
 from .augment import adjust_brightness, adjust_contrast, adjust_saturation, blend, keep_layout
-from .errors import OptionError
+from tricks.errors import OptionError
 from .transfer import to_device
 
 _BINS = 10
@@ -64,6 +65,35 @@ def shear_x(x, m):
     theta = torch.stack([torch.stack([one, m, m * h / 2], -1),
                          torch.stack([zero, one, zero], -1)], 1)
     return _affine(x, theta)
+
+
+def shear_y(x, m):
+    # torchvision: affine(shear=(0, degrees(atan(m))), center=(0, 0)); inverse map y' = y + m·x
+    w = x.shape[3]
+    one, zero, m = torch.ones_like(m).float(), torch.zeros_like(m).float(), m.float()
+    theta = torch.stack([torch.stack([one, zero, zero], -1),
+                         torch.stack([m, one, m * w / 2], -1)], 1)
+    return _affine(x, theta)
+
+
+def _translate(x, dx, dy):
+    """Shift by whole pixels (torchvision's ``affine(translate=[int(m), …])``: truncated)."""
+    one, zero = torch.ones_like(dx).float(), torch.zeros_like(dx).float()
+    theta = torch.stack([torch.stack([one, zero, -dx.trunc().float()], -1),
+                         torch.stack([zero, one, -dy.trunc().float()], -1)], 1)
+    return _affine(x, theta)
+
+
+def translate_x(x, pixels):
+    return _translate(x, pixels, torch.zeros_like(pixels))
+
+
+def translate_y(x, pixels):
+    return _translate(x, torch.zeros_like(pixels), pixels)
+
+
+def identity(x, _=None):
+    return x
 
 
 def _levels(x):
@@ -144,6 +174,10 @@ OPS = {
     "Invert": (invert, lambda b: 0.0, False),
 }
 
+# the functions by torchvision's op names (RandAugment's and TrivialAugment's spaces)
+FUNCTIONS = {name: fn for name, (fn, _, _) in OPS.items()} | {
+    "ShearY": shear_y, "TranslateX": translate_x, "TranslateY": translate_y, "Identity": identity}
+
 
 @dataclass
 class AutoAugmentDraw:
@@ -202,3 +236,111 @@ class BatchAutoAugment:
 
     def __call__(self, x, gen):
         return keep_layout(x, self.apply(x, self.draw(len(x), gen)))
+
+
+# --- RandAugment and TrivialAugment Wide --------------------------------------------------------
+
+def _space(kind: str, bins: int, h: int, w: int) -> list[tuple[str, torch.Tensor | None, bool]]:
+    """torchvision's augmentation spaces (``RandAugment._augmentation_space``,
+    ``TrivialAugmentWide._augmentation_space``) in our units: [0, 1] pixels (solarize's
+    threshold / 255), pixels for translations. (name, magnitude per bin or None, signed)."""
+    lin = lambda hi: torch.linspace(0.0, hi, bins, dtype=torch.float64)  # noqa: E731
+    wide = kind == "trivialaugment"
+    return [
+        ("Identity", None, False),
+        ("ShearX", lin(0.99 if wide else 0.3), True),
+        ("ShearY", lin(0.99 if wide else 0.3), True),
+        ("TranslateX", lin(32.0 if wide else 150.0 / 331.0 * w), True),
+        ("TranslateY", lin(32.0 if wide else 150.0 / 331.0 * h), True),
+        ("Rotate", lin(135.0 if wide else 30.0), True),
+        ("Brightness", lin(0.99 if wide else 0.9), True),
+        ("Color", lin(0.99 if wide else 0.9), True),
+        ("Contrast", lin(0.99 if wide else 0.9), True),
+        ("Sharpness", lin(0.99 if wide else 0.9), True),
+        ("Posterize", (8 - (torch.arange(bins) / ((bins - 1) / (6 if wide else 4))).round()
+                       ).double(), False),
+        ("Solarize", torch.linspace(255.0, 0.0, bins, dtype=torch.float64) / 255, False),
+        ("AutoContrast", None, False),
+        ("Equalize", None, False),
+    ]
+
+
+class _RandomOps:
+    """``slots`` ops in sequence, each sample drawing its own op (uniform over the space), bin
+    and sign; each op kind then runs once per slot over the samples that drew it."""
+    kind = ""
+
+    def __init__(self, slots: int, bins: int):
+        if not isinstance(bins, int) or bins < 2:
+            raise OptionError(f"{self.kind}: num_magnitude_bins must be an integer ≥ 2, "
+                              f"got {bins!r}")
+        self.slots, self.bins = slots, bins
+
+    def _bins(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def draw(self, n: int, h: int, w: int, gen: torch.Generator):
+        """Per slot: each sample's op index (N) and signed magnitude (N, float64)."""
+        space = _space(self.kind, self.bins, h, w)
+        table = torch.stack([m if m is not None else torch.zeros(self.bins, dtype=torch.float64)
+                             for _, m, _ in space])            # ops × bins
+        signed = torch.tensor([s for _, _, s in space])
+        out = []
+        for _ in range(self.slots):
+            op = torch.randint(0, len(space), (n,), generator=gen)
+            b = self._bins(n, gen)
+            flip = torch.rand(n, generator=gen) < 0.5
+            mag = table[op, b]
+            out.append((op, torch.where(signed[op] & flip, -mag, mag)))
+        return [name for name, _, _ in space], out
+
+    def apply(self, x: torch.Tensor, names: list[str], draws) -> torch.Tensor:
+        plan = []
+        for op, mag in draws:
+            for k, name in enumerate(names):
+                idx = torch.nonzero(op == k)[:, 0]
+                if len(idx) and name != "Identity":
+                    plan.append((name, idx, mag[idx]))
+        moved = to_device([t for _, idx, m in plan for t in (idx, m)], x.device)
+        for j, (name, _, _) in enumerate(plan):  # slot by slot, in order
+            dev_idx, m = moved[2 * j], moved[2 * j + 1]
+            sub = FUNCTIONS[name](x.index_select(0, dev_idx), m)
+            x = x.index_copy(0, dev_idx, sub.to(x.dtype))
+        return x
+
+    def __call__(self, x, gen):
+        names, draws = self.draw(len(x), x.shape[2], x.shape[3], gen)
+        return keep_layout(x, self.apply(x, names, draws))
+
+
+class BatchRandAugment(_RandomOps):
+    """RandAugment (Cubuk et al. 2020) as torchvision's ``RandAugment(num_ops, magnitude,
+    num_magnitude_bins)`` defines it (nearest sampling, fill 0): ``num_ops`` ops in sequence,
+    each uniform over 14 (identity included), at bin ``magnitude`` of the op's range, negated
+    with probability ½ where signed. Each sample draws its own ops and signs."""
+    kind = "randaugment"
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31):
+        super().__init__(num_ops, num_magnitude_bins)
+        if not isinstance(num_ops, int) or num_ops < 1:
+            raise OptionError(f"randaugment: num_ops must be an integer ≥ 1, got {num_ops!r}")
+        if not isinstance(magnitude, int) or not 0 <= magnitude < num_magnitude_bins:
+            raise OptionError(f"randaugment: magnitude must be a bin 0..{num_magnitude_bins - 1}"
+                              f", got {magnitude!r}")
+        self.magnitude = magnitude
+
+    def _bins(self, n, gen):
+        return torch.full((n,), self.magnitude, dtype=torch.long)
+
+
+class BatchTrivialAugmentWide(_RandomOps):
+    """TrivialAugment Wide (Müller & Hutter 2021) as torchvision's ``TrivialAugmentWide``
+    defines it (nearest sampling, fill 0): one op per sample, uniform over 14, at a uniform bin
+    of its wide range, negated with probability ½ where signed."""
+    kind = "trivialaugment"
+
+    def __init__(self, num_magnitude_bins: int = 31):
+        super().__init__(1, num_magnitude_bins)
+
+    def _bins(self, n, gen):
+        return torch.randint(0, self.bins, (n,), generator=gen)

@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from .errors import OptionError
+from tricks.errors import OptionError, UserError
+
 from .records import RecordFile
 
 
@@ -29,11 +31,27 @@ class _RecordImages:
         return np.asarray(img), int(self.records.index["label"][i])
 
 
+INSTALL_HINT = ("the FFCV engine needs FFCV: apt-get install pkg-config libopencv-dev "
+                "libturbojpeg0-dev build-essential, then pip install 'tricks[ffcv]'")
+
+
+def import_ffcv():
+    """Import FFCV's loader pieces, keeping torch's thread count as it was."""
+    threads = torch.get_num_threads()
+    try:
+        from ffcv import fields, loader, transforms
+        from ffcv.fields import decoders
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    finally:
+        torch.set_num_threads(threads)
+    return fields, decoders, loader, transforms
+
+
 def write_beton(records_path: str | os.PathLike, out: str | os.PathLike | None = None, *,
                 write_mode: str = "jpg", max_resolution: int | None = None,
                 jpeg_quality: int = 90, compress_probability: float = 0.5,
                 workers: int = 2) -> Path:
-    from .engines.ffcv import import_ffcv
     fields, _, _, _ = import_ffcv()
     from ffcv.writer import DatasetWriter  # after import_ffcv, which restores torch's threads
 

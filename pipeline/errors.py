@@ -1,25 +1,4 @@
-"""Errors that mean "the input is wrong", shown to a user as one line (no traceback)."""
-
-
-class UserError(Exception):
-    """Bad input, option or environment: the CLI prints ``error: <message>`` and exits 1."""
-
-
-class DataError(UserError):
-    """A dataset path, file or record that cannot be used."""
-
-
-class OptionError(UserError, ValueError):
-    """An op or loader option outside its valid range (a ValueError for library users too)."""
-
-
-def check_prob(name: str, p: float) -> float:
-    if not 0 <= p <= 1:
-        raise OptionError(f"{name} must be a probability in [0, 1], got {p}")
-    return float(p)
-
-
-def check_nonneg(name: str, v: float) -> float:
-    if v < 0:
-        raise OptionError(f"{name} must be ≥ 0, got {v}")
-    return float(v)
+"""The error types, re-exported from ``tricks.errors`` (their home) while the branches that
+still import them from here land; new code imports ``tricks.errors``."""
+from tricks.errors import DataError, OptionError, UserError  # noqa: F401
+from .options_check import check_nonneg, check_prob  # noqa: F401

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import OptionError, check_nonneg
+from tricks.errors import OptionError
+from .options_check import check_nonneg
 from .transfer import to_device
 
 

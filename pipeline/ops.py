@@ -1,13 +1,15 @@
 """Names of the augment and mix ops, for configs."""
 from __future__ import annotations
 
-from .augment import ColorJitter, Cutout, Lighting, RandomErasing
-from .autoaugment import BatchAutoAugment
-from .errors import OptionError
+from .augment import ColorJitter, Cutout, GaussianBlur, Lighting, RandomErasing, RandomGrayscale
+from .autoaugment import BatchAutoAugment, BatchRandAugment, BatchTrivialAugmentWide
+from tricks.errors import OptionError
 from .mix import CutMix, Mixup, Ricap
 
 AUGMENT_OPS = {"jitter": ColorJitter, "lighting": Lighting, "cutout": Cutout,
-               "erasing": RandomErasing, "autoaugment": BatchAutoAugment}
+               "erasing": RandomErasing, "autoaugment": BatchAutoAugment,
+               "randaugment": BatchRandAugment, "trivialaugment": BatchTrivialAugmentWide,
+               "grayscale": RandomGrayscale, "blur": GaussianBlur}
 MIX_OPS = {"mixup": Mixup, "cutmix": CutMix, "ricap": Ricap}
 
 

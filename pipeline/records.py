@@ -114,6 +114,10 @@ class RecordFile:
         off = int(row["offset"])
         return self._map[off:off + int(row["length"])]
 
+    def close(self) -> None:
+        """Drop the mapping (arrays already taken from ``raw`` keep it alive until they go)."""
+        self._map = self._index = None
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_map"] = state["_index"] = None

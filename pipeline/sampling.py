@@ -124,11 +124,28 @@ def center_boxes(heights: torch.Tensor, widths: torch.Tensor, crop_ratio: float)
 
 @dataclass
 class EpochPlan:
-    """Which records each batch of an epoch holds, for one rank, and their crops."""
+    """Which records each batch of an epoch holds, for one rank, and their crops.
+
+    Two ways to cut an epoch over ``world_size`` ranks, both with every rank yielding the same
+    number of batches (``len``), and each record at most once (exactly once without
+    ``drop_last``):
+
+    - global batches (``drop_last``, or one rank): batch b is records
+      ``order[b·B:(b+1)·B]`` (B the global ``batch_size``), cut into ``world_size`` consecutive
+      shares; its crops are drawn for the whole global batch, so a batch is the same whatever
+      the number of ranks;
+    - shards (no ``drop_last``, several ranks: evaluation): the order is cut into
+      ``world_size`` consecutive shards (sizes differ by at most one) and each shard into
+      ``len`` batches of at most B / world_size records, the last ones smaller where a shard is
+      short, so that every rank yields ``len`` batches (DistributedSampler instead repeats
+      records to even the shards; here nothing is counted twice). Only when a shard has fewer
+      records than ``len`` (a per-rank batch of 1, or fewer records than ranks) does a rank's
+      last batch hold none.
+    """
     n: int
     batch_size: int               # global
     seed: int
-    train: bool
+    train: bool                   # random-resized crops and flips; else centre crops
     drop_last: bool
     shuffle: bool
     rank: int = 0
@@ -136,6 +153,7 @@ class EpochPlan:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     crop_ratio: float = 0.875
+    flip: bool = True             # with ``train``: flip horizontally with probability ½
 
     def __post_init__(self):
         if self.batch_size % self.world_size:
@@ -144,34 +162,65 @@ class EpochPlan:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
 
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1 and not self.drop_last
+
     def __len__(self) -> int:
+        if self.sharded:
+            per_rank = self.batch_size // self.world_size
+            return math.ceil(math.ceil(self.n / self.world_size) / per_rank)
         return num_batches(self.n, self.batch_size, self.drop_last)
+
+    def _shard_batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's shard of ``order`` cut into ``len(self)`` batches (see the class)."""
+        share = torch.tensor_split(order, self.world_size)[self.rank]
+        per_rank, slots, left = self.batch_size // self.world_size, len(self), len(share)
+        sizes = []
+        for k in range(slots):
+            after = slots - 1 - k  # batches still to fill after this one
+            take = min(per_rank, left - after) if left > after else min(1, left)
+            sizes.append(take)
+            left -= take
+        return list(torch.split(share, sizes))
 
     def tasks(self, epoch: int, heights: np.ndarray, widths: np.ndarray, size: int,
               start: int = 0):
-        """Yield this rank's BatchTask for global batches ``start..len-1`` of ``epoch``."""
+        """Yield this rank's BatchTask for batches ``start..len-1`` of ``epoch`` (a task may
+        hold no record: see the class)."""
         order = epoch_order(self.n, self.seed, epoch, self.shuffle)
+        shards = self._shard_batches(order) if self.sharded else None
         for b in range(start, len(self)):
-            glob = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if shards is not None:
+                glob = shards[b]
+                key = (self.seed, epoch, b, "shard", self.rank, self.world_size)
+            else:
+                glob = order[b * self.batch_size:(b + 1) * self.batch_size]
+                key = (self.seed, epoch, b)
             h = torch.from_numpy(heights[glob.numpy()].astype(np.int64))
             w = torch.from_numpy(widths[glob.numpy()].astype(np.int64))
             if self.train:
-                gen = keyed_generator(self.seed, epoch, b)
+                gen = keyed_generator(*key)
                 boxes = random_resized_boxes(h, w, gen, self.scale, self.ratio)
                 flips = torch.rand(len(glob), generator=gen) < 0.5
+                if not self.flip:
+                    flips[:] = False
             else:
                 boxes = center_boxes(h, w, self.crop_ratio)
                 flips = torch.zeros(len(glob), dtype=torch.bool)
-            mine = torch.tensor_split(torch.arange(len(glob)), self.world_size)[self.rank]
-            if len(mine) == 0:
-                continue  # a short last batch with fewer samples than ranks
-            yield BatchTask(epoch, b, glob[mine].numpy(), boxes[mine].numpy(),
-                            flips[mine].numpy(), size)
+            if shards is None:
+                mine = torch.tensor_split(torch.arange(len(glob)), self.world_size)[self.rank]
+                glob, boxes, flips = glob[mine], boxes[mine], flips[mine]
+            yield BatchTask(epoch, b, glob.numpy(), boxes.numpy(), flips.numpy(), size)
 
     def shifts(self, epoch: int, batch: int, pad: int) -> torch.Tensor:
-        """This rank's pad-and-crop shifts (N×2 int64 dx, dy, uniform in −pad..pad) for global
-        batch ``batch`` of ``epoch``: drawn for the whole global batch from its own key, then
-        sliced by rank like the crops, so they do not depend on the number of ranks."""
+        """This rank's pad-and-crop shifts (N×2 int64 dx, dy, uniform in −pad..pad) for batch
+        ``batch`` of ``epoch``: for global batches, drawn for the whole batch from its own key,
+        then sliced by rank like the crops, so they do not depend on the number of ranks."""
+        if self.sharded:
+            n = len(self._shard_batches(torch.arange(self.n))[batch])
+            return draw_shifts(n, pad, keyed_generator(self.seed, epoch, batch, "translate",
+                                                       self.rank, self.world_size))
         n = min(self.batch_size, self.n - batch * self.batch_size)
         s = draw_shifts(n, pad, keyed_generator(self.seed, epoch, batch, "translate"))
         return s[torch.tensor_split(torch.arange(n), self.world_size)[self.rank]]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import OptionError
+from tricks.errors import OptionError
+
 from .transfer import to_device
 
 

@@ -4,7 +4,7 @@
 # PYTHONPATH; an editable install works as well.
 _tricks_src=$(mktemp -d)
 mkdir "$_tricks_src/tricks"
-for _d in pipeline models train benchmarks configs; do
+for _d in errors pipeline models train benchmarks configs; do
   ln -s "$PWD/$_d" "$_tricks_src/tricks/$_d"
 done
 export PYTHONPATH="$_tricks_src${PYTHONPATH:+:$PYTHONPATH}"

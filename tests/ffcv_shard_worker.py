@@ -9,14 +9,15 @@ import torch
 import torch.distributed as dist
 
 from conftest import ids_of
-from tricks.pipeline import Loader
+from tricks.pipeline import Engine, Loader, Output, Sampling
 
 root, split, batch, rank, world, init = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), \
     sys.argv[6]
 size, save = (int(sys.argv[7]), sys.argv[8]) if len(sys.argv) > 8 else (16, None)
 dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-loader = Loader(root, split, batch, train=False, image_size=size, engine="ffcv", workers=1,
-                rank=rank, world_size=world, mean=(0, 0, 0), std=(1 / 255,) * 3)
+loader = Loader(root, split, batch, train=False, image_size=size, engine=Engine("ffcv", workers=1),
+                sampling=Sampling(rank=rank, world_size=world, global_batch=True),
+                output=Output(mean=(0, 0, 0), std=(1 / 255,) * 3))
 batches = [(images.round().to(torch.uint8), labels) for images, labels in loader]
 ids = [i for images, _ in batches for i in ids_of(images)]
 if save:

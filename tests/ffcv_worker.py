@@ -8,14 +8,14 @@ import sys
 import torch
 
 from conftest import ids_of
-from tricks.pipeline import Loader
+from tricks.pipeline import Engine, Loader, Output, Sampling
 
 root, epochs, splits = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 out = {"threads": torch.get_num_threads()}
 for split in splits:
     # mean 0, std 1/255: the float output is the engine's 0..255 pixels
-    loader = Loader(root, split, 8, image_size=24, engine="ffcv", workers=2, seed=3,
-                    mean=(0, 0, 0), std=(1 / 255,) * 3)
+    loader = Loader(root, split, 8, image_size=24, engine=Engine("ffcv", workers=2),
+                    sampling=Sampling(seed=3), output=Output(mean=(0, 0, 0), std=(1 / 255,) * 3))
     out[split] = []
     for e in range(epochs):
         loader.set_epoch(e)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tricks.train.ablate import interval, verdict
+from tricks.benchmarks.ablate import interval, verdict
 from tricks.train.cli import main
 
 TINY = ["model.width=4", "data.image_size=16", "train.epochs=1", "data.workers=0",

@@ -10,12 +10,14 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import RandomErasing as TVRandomErasing
 
 from conftest import cuda
-from tricks.pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, ErasingDraw, Lighting,
-                                     RandomErasing, adjust_hue, apply_cutout, apply_erasing,
-                                     apply_jitter, apply_lighting, draw_cutout, draw_erasing,
-                                     draw_jitter, draw_lighting)
-from tricks.pipeline.autoaugment import BatchAutoAugment
-from tricks.pipeline.errors import OptionError
+from tricks.pipeline.augment import (EIGVAL, EIGVEC, ColorJitter, Cutout, ErasingDraw,
+                                     GaussianBlur, Lighting, RandomErasing, RandomGrayscale,
+                                     adjust_hue, apply_cutout, apply_erasing, apply_jitter,
+                                     apply_lighting, draw_cutout, draw_erasing, draw_jitter,
+                                     draw_lighting)
+from tricks.pipeline.autoaugment import (BatchAutoAugment, BatchRandAugment,
+                                         BatchTrivialAugmentWide)
+from tricks.errors import OptionError
 from tricks.pipeline.sampling import keyed_generator
 
 
@@ -166,20 +168,34 @@ def test_cutout_several_holes_and_probability():
 
 # --- random erasing -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("fill", ["zero", "mean"])
-def test_erasing_matches_torchvision_erase(fill):
+def test_erasing_matches_torchvision_erase():
     x = _images(32)
     d = draw_erasing(32, 24, 20, _gen(7), p=0.7)
-    out = apply_erasing(x, d, fill)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    out = apply_erasing(x, d, "zero")
     for i in range(32):
         if not d.applied[i]:
             assert torch.equal(out[i], x[i])
             continue
         y0, y1, x0, x1 = d.boxes[i].tolist()
-        v = torch.zeros(3, 1, 1) if fill == "zero" else mean
-        ref = TF.erase(x[i], y0, x0, y1 - y0, x1 - x0, v)
+        ref = TF.erase(x[i], y0, x0, y1 - y0, x1 - x0, torch.zeros(3, 1, 1))
         assert torch.equal(out[i], ref)
+
+
+@pytest.mark.parametrize("mean", [(0.485, 0.456, 0.406), (0.1, 0.5, 0.9)])
+def test_erasing_mean_fill_is_the_loaders_own_mean(mean):
+    """fill="mean" is the dataset mean the Loader normalizes with, not a literal ImageNet mean:
+    it runs after normalization and fills 0."""
+    from tricks.pipeline.stages import Stages
+    std = (0.2, 0.25, 0.3)
+    u8 = torch.full((16, 3, 24, 20), 77, dtype=torch.uint8)
+    op = RandomErasing(p=1.0, fill="mean")
+    out, _ = Stages(torch.float32, 10, [op], mean=mean, std=std)(
+        u8, torch.zeros(16, dtype=torch.long), _gen(7))
+    rgb = out * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    erased = (out == 0).all(1)
+    assert erased.flatten(1).any(1).all()                   # every sample has its box
+    assert torch.allclose(rgb.permute(0, 2, 3, 1)[erased], torch.tensor(mean).expand(
+        int(erased.sum()), 3), atol=1e-6)
 
 
 def test_erasing_area_ratio_and_rate():
@@ -265,11 +281,104 @@ def test_autoaugment_applies_each_slot_at_its_probability():
     assert len(set(d.sub_policy.tolist())) == 25
 
 
+# --- RandAugment, TrivialAugment Wide -------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: BatchRandAugment(2, 9), lambda: BatchRandAugment(1, 30),
+                                  BatchTrivialAugmentWide])
+def test_random_ops_match_torchvision_per_sample(make):
+    """Each sample's drawn ops, in order, through torchvision's ``_apply_op`` (what its
+    RandAugment and TrivialAugmentWide call) on the 8-bit image: ≤ 2 levels apart but for a
+    few nearest-neighbour ties. (Chains of the strongest ops are left out: torchvision rounds
+    to 8 bits between ops, we do not, and a one-level difference before a posterize or
+    solarize threshold becomes a large one.)"""
+    from torchvision.transforms.autoaugment import InterpolationMode, _apply_op
+    op = make()
+    x_u8 = (torch.rand(96, 3, 32, 28, generator=torch.Generator().manual_seed(0)) * 255)
+    x_u8 = x_u8.round().to(torch.uint8)
+    x = x_u8.float() / 255
+    names, draws = op.draw(96, 32, 28, _gen(30))
+    ours = op.apply(x, names, draws)
+    worst, kinds = [], set()
+    for i in range(96):
+        ref = x_u8[i]
+        for ops, mags in draws:
+            name, m = names[int(ops[i])], float(mags[i])
+            kinds.add(name)
+            ref = _apply_op(ref, name, m * (255 if name == "Solarize" else 1),
+                            InterpolationMode.NEAREST, None)
+        worst.append(float(((ours[i] * 255 - ref.float()).abs() > 2.5).float().mean()))
+    assert max(worst) < 0.03, max(worst)
+    assert len(kinds) == 14  # every op of the space was drawn and checked
+
+
+def test_random_ops_draw_as_torchvision_defines():
+    # RandAugment: a fixed bin (9 of 31: 0.3·9/30 shear); TrivialAugment: a uniform bin; both a
+    # uniform op over 14 and a sign flip with probability ½ on signed ops
+    names, draws = BatchRandAugment(2, 9).draw(20000, 224, 224, _gen(31))
+    assert len(draws) == 2
+    ops, mags = draws[0]
+    freq = torch.bincount(ops, minlength=14).double() / 20000
+    assert torch.allclose(freq, torch.full((14,), 1 / 14, dtype=torch.float64), atol=0.01)
+    shear = mags[ops == names.index("ShearX")]
+    assert set(shear.abs().round(decimals=6).tolist()) == {round(0.3 * 9 / 30, 6)}
+    assert abs(float((shear < 0).double().mean()) - 0.5) < 0.03
+    tx = mags[ops == names.index("TranslateX")].abs()
+    assert torch.allclose(tx, torch.full_like(tx, 150 / 331 * 224 * 9 / 30))
+    names, ((ops, mags),) = BatchTrivialAugmentWide().draw(20000, 32, 32, _gen(32))
+    rot = mags[ops == names.index("Rotate")].abs()
+    assert len(set(rot.round(decimals=4).tolist())) == 31 and float(rot.max()) == 135.0
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: BatchRandAugment(0), "num_ops must be an integer ≥ 1"),
+    (lambda: BatchRandAugment(2, 31), r"magnitude must be a bin 0..30"),
+    (lambda: BatchTrivialAugmentWide(1), "num_magnitude_bins must be an integer ≥ 2"),
+    (lambda: RandomGrayscale(1.5), "grayscale p must be a probability"),
+    (lambda: GaussianBlur(4), "blur kernel_size must be an odd integer"),
+    (lambda: GaussianBlur(5, (2.0, 1.0)), "blur sigma must satisfy 0 < min ≤ max"),
+])
+def test_new_op_settings_are_refused(make, message):
+    with pytest.raises(OptionError, match=message):
+        make()
+
+
+# --- grayscale, blur -----------------------------------------------------------------------
+
+def test_random_grayscale_matches_torchvision_on_the_samples_it_picks():
+    x = _images(2000, 8, 8)
+    out = RandomGrayscale(0.3)(x, _gen(33))
+    picked = [not torch.equal(out[i], x[i]) for i in range(2000)]
+    assert abs(sum(picked) / 2000 - 0.3) < 0.03
+    for i in range(40):
+        ref = TF.rgb_to_grayscale(x[i], num_output_channels=3) if picked[i] else x[i]
+        assert torch.allclose(out[i], ref, atol=1e-6)
+
+
+def test_gaussian_blur_matches_torchvision_per_sample():
+    x = _images(12, 24, 20)
+    op = GaussianBlur(9, (0.1, 3.0), p=0.5)
+    out = op(x, _gen(34))
+    g = _gen(34)  # the op's draw: σ per sample, then whether it applies
+    sigma = 0.1 + (3.0 - 0.1) * torch.rand(12, generator=g)
+    applied = torch.rand(12, generator=g) < 0.5
+    assert 2 <= int(applied.sum()) <= 10
+    for i in range(12):
+        ref = TF.gaussian_blur(x[i], [9, 9], [float(sigma[i])] * 2) if applied[i] else x[i]
+        assert torch.allclose(out[i], ref, atol=1e-5), i
+
+
+def test_gaussian_blur_larger_than_the_image_is_one_line():
+    with pytest.raises(OptionError, match="blur kernel_size 23 needs images larger than 11"):
+        GaussianBlur(23)(_images(2, 8, 8), _gen(35))
+
+
 # --- shared properties ----------------------------------------------------------------------
 
 OPS = {"jitter": lambda: ColorJitter(hue=0.1, random_order=True), "lighting": Lighting,
        "cutout": lambda: Cutout(2, 6), "erasing": lambda: RandomErasing(p=1.0),
-       "autoaugment": BatchAutoAugment}
+       "autoaugment": BatchAutoAugment, "randaugment": BatchRandAugment,
+       "trivialaugment": BatchTrivialAugmentWide, "grayscale": lambda: RandomGrayscale(0.5),
+       "blur": lambda: GaussianBlur(5, p=0.7)}
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -372,12 +481,13 @@ def test_cpu_and_cuda_agree(name):
 
 
 def test_loader_augment_draws_are_keyed_by_seed_and_epoch(shapes_records):
-    from tricks.pipeline import Loader
+    from tricks.pipeline import Engine, Loader, Sampling
 
     def batch(epoch, seed=0):
         # validation crops are fixed, so any difference comes from the augment draw
-        loader = Loader(shapes_records, "val", 16, train=False, image_size=32, workers=0,
-                        seed=seed, augment=[ColorJitter(), RandomErasing(p=1.0)])
+        loader = Loader(shapes_records, "val", 16, train=False, image_size=32,
+                        engine=Engine(workers=0), sampling=Sampling(seed=seed),
+                        augment=[ColorJitter(), RandomErasing(p=1.0)])
         loader.set_epoch(epoch)
         return next(iter(loader)).images
     a = batch(0)
@@ -388,14 +498,12 @@ def test_loader_augment_draws_are_keyed_by_seed_and_epoch(shapes_records):
 def test_op_defaults_are_the_papers_settings():
     # He et al. 2019 §2.1: brightness, contrast, saturation factors in [0.6, 1.4], PCA noise
     # N(0, 0.1); DeVries & Taylor 2017: one 16×16 hole on CIFAR; Zhong et al. 2020: p 0.5, area
-    # [0.02, 0.4], r1 0.3, mean fill = the ImageNet mean. Defaults must equal these settings.
-    from tricks.pipeline.stages import IMAGENET_MEAN
+    # [0.02, 0.4], r1 0.3, mean fill = the dataset mean. Defaults must equal these settings.
     x = _images(8, 32, 32)
     pairs = [(ColorJitter(), ColorJitter(0.4, 0.4, 0.4, 0.0, False)),
              (Lighting(), Lighting(0.1)),
              (Cutout(), Cutout(1, 16, 1.0)),
-             (RandomErasing(fill="mean"), RandomErasing(0.5, (0.02, 0.4), 0.3, "mean",
-                                                        tuple(IMAGENET_MEAN)))]
+             (RandomErasing(fill="mean"), RandomErasing(0.5, (0.02, 0.4), 0.3, "mean"))]
     for k, (default, explicit) in enumerate(pairs):
         for j in range(3):
             a, b = default(x, _gen("defaults", k, j)), explicit(x, _gen("defaults", k, j))

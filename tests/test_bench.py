@@ -216,13 +216,9 @@ def test_bench_help_names_the_command_typed(name, capsys):
     assert capsys.readouterr().out.startswith(f"usage: tricks bench {name} ")
 
 
-def test_default_results_go_under_the_cwd_for_an_installed_package(tmp_path, monkeypatch):
+def test_default_results_go_under_the_cwd_never_into_the_checkout(tmp_path, monkeypatch):
+    # an editable install's package folder is the checkout: a trial `tricks bench` there must
+    # not overwrite the committed benchmarks/results/
     from tricks.benchmarks.results import default_results_dir
-    checkout = tmp_path / "repo"
-    (checkout / "benchmarks").mkdir(parents=True)
-    (checkout / "pyproject.toml").write_text("")
-    assert default_results_dir(checkout / "benchmarks") == checkout / "benchmarks" / "results"
-    installed = tmp_path / "venv" / "site-packages" / "tricks" / "benchmarks"
-    installed.mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    assert default_results_dir(installed) == tmp_path / "benchmarks-results"
+    assert default_results_dir() == tmp_path / "benchmarks-results"

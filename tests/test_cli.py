@@ -86,8 +86,9 @@ def test_the_readme_offers_a_first_training_command_that_runs_on_a_cpu():
     precision check (fp16 needs CUDA)."""
     import shlex
 
-    from tricks.train.cli import config_path
-    from tricks.train.config import ConfigError, load_config
+    from tricks.errors import ConfigError
+    from tricks.train.config import load_config
+    from tricks.train.config import preset_path as config_path
     from tricks.train.trainer import check_precision
 
     lines = [ln for ln in (ROOT / "README.md").read_text().splitlines()
@@ -104,3 +105,17 @@ def test_the_readme_offers_a_first_training_command_that_runs_on_a_cpu():
     check_precision(precision_of(lines[1]), cpu)
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         check_precision(precision_of(lines[0]), cpu)
+
+
+def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "cifar").mkdir()  # a dataset folder in the current directory
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "-c", "cifar", "--print-config"]) == 0
+    assert "pad_mode: reflect" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override", ["optim.lr=-0.1", "optim.lr=0", "optim.weight_decay=-1e-4"])
+def test_a_negative_rate_is_one_line_naming_the_key(override, capsys):
+    assert main(["train", override, "--print-config"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {override.split('=')[0]} must be") and "\n" not in err

@@ -1,8 +1,9 @@
 
 import pytest
 
-from tricks.train.cli import CONFIG_DIR
-from tricks.train.config import ConfigError, load_config
+from tricks.train.config import PRESET_DIR as CONFIG_DIR
+from tricks.errors import ConfigError
+from tricks.train.config import load_config
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -70,3 +71,20 @@ def test_refined_preset_says_what_section_5_says():
     assert (cfg.mix.name, cfg.mix.alpha) == ("mixup", 0.2)
     assert (cfg.teacher.checkpoint, cfg.teacher.temperature) == (None, 20.0)
     assert (cfg.model.name, cfg.train.batch, cfg.train.precision) == ("resnet50d", 1024, "fp16")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.engine=nvjpeg", "data.engine='nvjpeg': choose one of dali, ffcv, native"),
+    ("augment.ops=[jitter, sharpen]", "augment.ops: unknown 'sharpen'; choose from jitter"),
+    ("mix.name=mixop", "mix.name='mixop': choose one of none, mixup, cutmix, ricap"),
+])
+def test_choices_come_from_the_registries_and_are_checked_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([], [override])
+
+
+def test_crop_defaults_are_the_loaders():
+    from tricks.pipeline.options import DEFAULT_CROP_RATIO, DEFAULT_RATIO, DEFAULT_SCALE
+    d = load_config().data
+    assert (tuple(d.scale), tuple(d.ratio), d.crop_ratio) == (DEFAULT_SCALE, DEFAULT_RATIO,
+                                                              DEFAULT_CROP_RATIO)

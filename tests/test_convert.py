@@ -8,7 +8,7 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from tricks.pipeline.convert import convert, format_report, inspect_and_encode
-from tricks.pipeline.errors import DataError
+from tricks.errors import DataError
 from tricks.pipeline.records import RecordFile, RecordWriter, read_classes
 
 
@@ -339,8 +339,8 @@ def test_very_large_images_follow_one_policy_without_pillow_warnings(tmp_path, m
         assert bomb["path"].endswith("bomb.png") and "pixels" in bomb["reason"]
         rf = RecordFile(tmp_path / "out" / "train.rec")
         assert all(int(r["height"]) * int(r["width"]) <= 64 * 64 for r in rf.index)
-        from tricks.pipeline import Loader
-        assert len(list(Loader(tmp_path / "out", "train", 2, image_size=16, workers=0))) == 1
+        from tricks.pipeline import Engine, Loader
+        assert len(list(Loader(tmp_path / "out", "train", 2, image_size=16, engine=Engine(workers=0)))) == 1
 
 
 @pytest.mark.parametrize("content", [b"hello, I am text\n", bytes(range(256)) * 4])

@@ -1,4 +1,4 @@
-"""The DALI engine on the CPU (device_id=None): exactly-once epochs by content, both sources."""
+"""The DALI engine on the CPU (device_id=None): exactly-once epochs by content."""
 import sys
 import pytest
 import torch
@@ -6,41 +6,38 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from conftest import cuda, ids_of  # noqa: E402
-from tricks.pipeline import Loader  # noqa: E402
-from tricks.pipeline.errors import UserError  # noqa: E402
+from tricks.pipeline import Engine, Loader, Output, Sampling  # noqa: E402
+from tricks.errors import UserError  # noqa: E402
 
-def _epoch(root, split, source, epoch=0, world=1, rank=0, batch=8, train=None, size=24):
-    loader = Loader(root, split, batch, train=train, image_size=size, engine="dali",
-                    workers=2, rank=rank, world_size=world, seed=3,
-                    engine_options={"source": source}, dtype=torch.float32)
-    loader.set_epoch(epoch)
-    out = []
-    for b in loader.engine.batches(loader.plan.tasks(epoch, loader._heights, loader._widths,
-                                                     size)):
-        out.append(b)
+RAW = Output(mean=(0, 0, 0), std=(1 / 255,) * 3)  # float images equal to the engine's 0..255
+
+
+def _epoch(root, split, epoch=0, world=1, rank=0, batch=8, train=None, size=24):
+    loader = Loader(root, split, batch, train=train, image_size=size,
+                    engine=Engine("dali", workers=2),
+                    sampling=Sampling(seed=3, rank=rank, world_size=world, global_batch=True))
+    tasks = loader.plan.tasks(epoch, loader._heights, loader._widths, size)
+    out = list(loader.engine.batches(t for t in tasks if len(t.indices)))  # the engine's uint8
     loader.close()
     return out
 
 
-@pytest.mark.parametrize("source", ["records", "files"])
 @pytest.mark.parametrize("world", [1, 2])
-def test_validation_epoch_has_every_sample_exactly_once(coloured, source, world):
+def test_validation_epoch_has_every_sample_exactly_once(coloured, world):
     root, label_of = coloured
     pairs = []
     for rank in range(world):
-        for images, labels in _epoch(root, "val", source, world=world, rank=rank, train=False):
+        for images, labels in _epoch(root, "val", world=world, rank=rank, train=False):
             pairs += list(zip(ids_of(images), labels.tolist()))
     assert sorted(pairs) == sorted((k, label_of[k]) for k in range(37, 48))
 
 
-@pytest.mark.parametrize("source", ["records", "files"])
 @pytest.mark.parametrize("world", [1, 2])
-def test_training_epoch_has_no_sample_twice_and_labels_match(coloured, source, world):
+def test_training_epoch_has_no_sample_twice_and_labels_match(coloured, world):
     root, label_of = coloured
     pairs = []
     for rank in range(world):
-        for images, labels in _epoch(root, "train", source, world=world, rank=rank,
-                                     train=True):
+        for images, labels in _epoch(root, "train", world=world, rank=rank, train=True):
             assert len(labels) == 8 // world  # full batches only (drop last)
             pairs += list(zip(ids_of(images), labels.tolist()))
     ids = [i for i, _ in pairs]
@@ -49,35 +46,22 @@ def test_training_epoch_has_no_sample_twice_and_labels_match(coloured, source, w
     assert all(i < 37 for i in ids)
 
 
-def test_both_sources_read_the_same_content(coloured):
+def test_contract_determinism_and_reshuffle(coloured):
     root, _ = coloured
-    sets = []
-    for source in ("records", "files"):
-        pairs = set()
-        for images, labels in _epoch(root, "val", source, train=False):
-            pairs |= set(zip(ids_of(images), labels.tolist()))
-        sets.append(pairs)
-    assert sets[0] == sets[1] and len(sets[0]) == 11
-
-
-@pytest.mark.parametrize("source", ["records", "files"])
-def test_contract_determinism_and_reshuffle(coloured, source):
-    root, _ = coloured
-    native = next(iter(Loader(root, "train", 8, image_size=24, workers=0)))
-    # mean 0 and std 1/255: the loader's float output is the engine's 0..255 pixels
-    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2,
-                    engine_options={"source": source}, mean=(0, 0, 0), std=(1 / 255,) * 3)
+    native = next(iter(Loader(root, "train", 8, image_size=24, engine=Engine(workers=0))))
+    loader = Loader(root, "train", 8, image_size=24, engine=Engine("dali", workers=2),
+                    output=RAW)
     images, labels = next(iter(loader))
     assert images.shape == native.images.shape and images.dtype == native.images.dtype
     assert images.stride() == native.images.stride() and labels.dtype == torch.int64
-    v = [_epoch(root, "val", source, train=False) for _ in range(2)]
+    v = [_epoch(root, "val", train=False) for _ in range(2)]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(*v))
     orders = []
     for e in (0, 1):  # consecutive epochs of one loader: a new global order
         loader.set_epoch(e)
         orders.append([i for b in loader for i in ids_of(b.images.view(8, 3, 24, 24) * 0 + b.images)])
     assert sorted(orders[0]) != orders[0] and orders[0] != orders[1]
-    fresh = [[i for b in _epoch(root, "train", source, epoch=e, train=True)
+    fresh = [[i for b in _epoch(root, "train", epoch=e, train=True)
               for i in ids_of(b[0])] for e in (0, 1)]
     assert fresh[0] != fresh[1]  # set_epoch is honoured by a new loader too
 
@@ -85,29 +69,28 @@ def test_contract_determinism_and_reshuffle(coloured, source):
 def test_records_source_follows_the_loader_plan(coloured):
     # the same samples, in the same order, as the native engine: crops keyed by the plan
     root, _ = coloured
-    a = [b.targets for b in Loader(root, "train", 8, image_size=24, workers=0, seed=1)]
-    b = [b.targets for b in Loader(root, "train", 8, image_size=24, engine="dali", workers=2,
-                                   seed=1)]
+    a = [b.targets for b in Loader(root, "train", 8, image_size=24, engine=Engine(workers=0),
+                                   sampling=Sampling(seed=1))]
+    b = [b.targets for b in Loader(root, "train", 8, image_size=24,
+                                   engine=Engine("dali", workers=2), sampling=Sampling(seed=1))]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b) == 4
 
 
 def test_image_size_can_change_between_epochs(coloured):
     root, _ = coloured
-    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2)
+    loader = Loader(root, "train", 8, image_size=24, engine=Engine("dali", workers=2))
     assert next(iter(loader)).images.shape[-1] == 24
     loader.set_image_size(32)
     loader.set_epoch(1)
     assert next(iter(loader)).images.shape[-1] == 32
 
 
-@pytest.mark.parametrize("source", ["records", "files"])
-def test_progressive_resizing_is_right_from_the_first_batch_of_each_epoch(coloured, source):
+def test_progressive_resizing_is_right_from_the_first_batch_of_each_epoch(coloured):
     """DALI asks the size callback ahead of time (prefetch): a size change between epochs must
     still reach every batch of the new epoch, the first included, with the epoch intact."""
     root, label_of = coloured
-    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2, prefetch=2,
-                    engine_options={"source": source}, dtype=torch.float32,
-                    mean=(0, 0, 0), std=(1 / 255,) * 3)
+    loader = Loader(root, "train", 8, image_size=24, engine=Engine("dali", workers=2, prefetch=2),
+                    output=RAW)
     for epoch, size in enumerate((24, 32, 32, 16)):
         loader.set_image_size(size)
         loader.set_epoch(epoch)
@@ -124,10 +107,16 @@ def test_augment_and_mix_run_after_dali(coloured):
     from tricks.pipeline.augment import ColorJitter, RandomErasing
     from tricks.pipeline.mix import Mixup
     root, _ = coloured
-    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2,
+    loader = Loader(root, "train", 8, image_size=24, engine=Engine("dali", workers=2),
                     augment=[ColorJitter(), RandomErasing(p=1.0)], mix=Mixup())
     images, targets = next(iter(loader))
     assert targets.shape == (8, 3) and images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_former_files_source_is_a_one_line_error(coloured):
+    from tricks.errors import OptionError
+    with pytest.raises(OptionError, match="former files source"):
+        Loader(coloured[0], "train", 8, engine=Engine("dali", source="files"))
 
 
 def test_missing_dali_is_a_one_line_install_hint(coloured, monkeypatch):
@@ -143,14 +132,14 @@ def test_training_with_the_dali_engine(coloured, tmp_path):
     assert main(["train", "--no-progress", f"data.path={root}", "data.engine=dali",
                  "data.image_size=24", "data.workers=2", "model.name=resnet18d",
                  "model.width=8", "train.batch=8", "train.epochs=1",
-                 f"train.out={tmp_path}", "data.engine_options={source: files}"]) == 0
+                 f"train.out={tmp_path}"]) == 0
 
 
 @cuda
 def test_mixed_decode_on_the_gpu(coloured):
     root, label_of = coloured
     pairs = []
-    for images, labels in _epoch(root, "val", "records", train=False):
+    for images, labels in _epoch(root, "val", train=False):
         assert images.is_cuda
         pairs += list(zip(ids_of(images.cpu()), labels.tolist()))
     assert sorted(pairs) == sorted((k, label_of[k]) for k in range(37, 48))
@@ -161,7 +150,7 @@ def test_gpu_outputs_are_bound_to_torchs_current_stream(coloured, monkeypatch):
     outputs on it: the step waits for them, the host does not); a CPU pipeline's runs name
     none."""
     root, _ = coloured
-    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2)
+    loader = Loader(root, "train", 8, image_size=24, engine=Engine("dali", workers=2))
     engine = loader.engine
     calls = []
 
@@ -180,13 +169,12 @@ def test_gpu_outputs_are_bound_to_torchs_current_stream(coloured, monkeypatch):
 
 
 @cuda
-@pytest.mark.parametrize("source", ["records", "files"])
-def test_batches_stay_intact_while_the_consumer_stream_is_busy(coloured, source):
+def test_batches_stay_intact_while_the_consumer_stream_is_busy(coloured):
     """The training step keeps torch's stream busy while DALI runs ahead: each batch must still
     hold its own pixels (ids match labels, every sample once)."""
     root, label_of = coloured
-    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2, device="cuda",
-                    engine_options={"source": source}, mean=(0, 0, 0), std=(1 / 255,) * 3)
+    loader = Loader(root, "train", 8, image_size=24, engine=Engine("dali", workers=2),
+                    device="cuda", output=RAW)
     busy = torch.randn(4096, 4096, device="cuda")
     pairs = []
     for epoch in range(3):
@@ -199,7 +187,7 @@ def test_batches_stay_intact_while_the_consumer_stream_is_busy(coloured, source)
     assert len(pairs) == 3 * 32
 
 
-# --- fidelity (issue 13): the files source decodes the stored records, shards exactly once ------
+# --- fidelity (issue 13): DALI decodes the stored records, shards exactly once ------------------
 
 @pytest.fixture(scope="module")
 def odd_tree(tmp_path_factory):
@@ -226,22 +214,19 @@ def odd_tree(tmp_path_factory):
     return out, want
 
 
-@pytest.mark.parametrize("source", ["records", "files"])
 @pytest.mark.parametrize("train", [False, True])
-def test_every_source_decodes_the_stored_records(odd_tree, source, train):
+def test_dali_decodes_the_stored_records(odd_tree, train):
     root, want = odd_tree
     seen = 0
-    for images, labels in _epoch(root, "train" if train else "val", source, train=train,
-                                 batch=2):
+    for images, labels in _epoch(root, "train" if train else "val", train=train, batch=2):
         for img, lab in zip(images.float(), labels.tolist()):
             if want[lab] is not None:  # white and mid-grey everywhere, as the native engine
-                assert abs(img.mean().item() - want[lab]) < 3, (source, lab, img.mean())
+                assert abs(img.mean().item() - want[lab]) < 3, (lab, img.mean())
             seen += 1
     assert seen == 6
 
 
-@pytest.mark.parametrize("source", ["records", "files"])
-def test_sharded_evaluation_counts_every_image_once(tmp_path, source):
+def test_sharded_evaluation_counts_every_image_once(tmp_path):
     from PIL import Image
     from conftest import colour_of
     from tricks.pipeline.convert import convert
@@ -256,8 +241,8 @@ def test_sharded_evaluation_counts_every_image_once(tmp_path, source):
     convert(tmp_path / "tree", tmp_path / "rec", workers=0, progress=False)
     ids = []
     for rank in range(2):
-        for images, _ in _epoch(tmp_path / "rec", "val", source, world=2, rank=rank,
-                                train=False, batch=2):
+        for images, _ in _epoch(tmp_path / "rec", "val", world=2, rank=rank, train=False,
+                                batch=2):
             ids += ids_of(images)
     assert sorted(ids) == [0, 1, 2, 3, 4]
 
@@ -269,7 +254,7 @@ def test_the_feed_hands_dali_views_of_the_record_map_not_copies(coloured):
     of a batch's bytes in the training thread, where DALI calls the feed."""
     import numpy as np
     root, _ = coloured
-    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2)
+    loader = Loader(root, "train", 8, image_size=24, engine=Engine("dali", workers=2))
     feed, records = loader.engine._feed, loader.engine.records
     feed.tasks = list(loader.plan.tasks(0, loader._heights, loader._widths, 24))[:1]
     jpegs = next(iter(feed))[0]
@@ -283,7 +268,8 @@ def test_batches_are_dalis_buffers_and_outlive_later_runs(coloured):
     dynamic executor they stay valid while DALI runs on: every batch of two epochs, all kept
     to the end, still holds its own samples."""
     root, label_of = coloured
-    loader = Loader(root, "train", 8, image_size=24, engine="dali", workers=2, prefetch=2)
+    loader = Loader(root, "train", 8, image_size=24,
+                    engine=Engine("dali", workers=2, prefetch=2))
     engine = loader.engine
     tasks = list(loader.plan.tasks(0, loader._heights, loader._widths, 24))
     engine._feed.tasks = tasks

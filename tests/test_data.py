@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tricks.pipeline.errors import DataError
+from tricks.errors import DataError
 from tricks.train.data import resolve_dataset
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from tricks.pipeline import Loader
+from tricks.pipeline import Engine, Loader, Output
 from tricks.pipeline.convert import convert, to_rgb
 
 from conftest import subprocess_env
@@ -81,8 +81,9 @@ def tree(tmp_path_factory):
 
 
 def _epoch(root, engine, **options):
-    loader = Loader(root, "val", 4, train=False, image_size=SIZE, engine=engine, workers=2,
-                    mean=(0, 0, 0), std=(1 / 255,) * 3, **options)
+    loader = Loader(root, "val", 4, train=False, image_size=SIZE,
+                    engine=Engine(engine, workers=2, **options),
+                    output=Output(mean=(0, 0, 0), std=(1 / 255,) * 3))
     images, labels = [], []
     for x, y in loader:
         images.append(x.round().to(torch.uint8))
@@ -105,10 +106,7 @@ def _ffcv_epoch(root, tmp_path):
 PATHS = {
     "native-workers": (lambda root, tmp: _epoch(root, "native", decode="workers"), True),
     "native-device": (lambda root, tmp: _epoch(root, "native", decode="device"), True),
-    "dali-records": (lambda root, tmp: _epoch(root, "dali",
-                                               engine_options={"source": "records"}), HAS_DALI),
-    "dali-files": (lambda root, tmp: _epoch(root, "dali", engine_options={"source": "files"}),
-                   HAS_DALI),
+    "dali": (lambda root, tmp: _epoch(root, "dali"), HAS_DALI),
     "ffcv": (_ffcv_epoch, HAS_FFCV),
 }
 

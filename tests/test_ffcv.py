@@ -15,10 +15,10 @@ if importlib.util.find_spec("ffcv") is None:
     pytest.skip("FFCV is not installed", allow_module_level=True)
 
 from conftest import colour_of, subprocess_env  # noqa: E402
-from tricks.pipeline import Loader  # noqa: E402
+from tricks.pipeline import Engine, Loader  # noqa: E402
 from tricks.pipeline.beton import write_beton  # noqa: E402
 from tricks.pipeline.convert import convert  # noqa: E402
-from tricks.pipeline.errors import UserError  # noqa: E402
+from tricks.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = subprocess_env(ROOT, ROOT / "tests")
@@ -71,7 +71,7 @@ def test_batch_contract_equals_the_native_engines(beton_root, read_back):
     got, _ = read_back
     threads = got["threads"]
     got = got["train_contract"]
-    native = next(iter(Loader(root, "train", 8, image_size=24, workers=0)))
+    native = next(iter(Loader(root, "train", 8, image_size=24, engine=Engine(workers=0))))
     assert got["shape"] == list(native.images.shape) and got["dtype"] == str(native.images.dtype)
     assert got["stride"] == list(native.images.stride()) and got["channels_last"]
     assert got["label_dtype"] == "torch.int64"
@@ -128,10 +128,10 @@ def test_sharded_evaluation_counts_every_image_once(tmp_path):
 
 CLOSE_TWO_SIZES = """
 import sys
-from tricks.pipeline import Loader
+from tricks.pipeline import Engine, Loader
 loaders = []
 for size in (24, 16):  # a second compiled pipeline, for another output size
-    loader = Loader(sys.argv[1], "train", 8, image_size=size, engine="ffcv", workers=1)
+    loader = Loader(sys.argv[1], "train", 8, image_size=size, engine=Engine("ffcv", workers=1))
     for epoch in range(2):
         loader.set_epoch(epoch)
         for batch in loader:

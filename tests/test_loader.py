@@ -6,16 +6,20 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 
 from conftest import cuda
-from tricks.pipeline import Loader
+from tricks.pipeline import Engine, Loader, Output, Sampling
 from tricks.pipeline.engines.native import crop_resize_flip, pil_crop, size_groups
-from tricks.pipeline.errors import DataError
+from tricks.errors import DataError
 from tricks.pipeline.sampling import EpochPlan, keyed_generator, random_resized_boxes
 
 
-def _loader(root, split="train", **kw):
-    kw.setdefault("workers", 0)
-    kw.setdefault("image_size", 32)
-    return Loader(root, split, kw.pop("batch_size", 16), **kw)
+def _loader(root, split="train", *, batch_size=16, image_size=32, workers=0, seed=0,
+            rank=None, world_size=None, dtype=torch.float32, engine="native", **kw):
+    """A small loader; engine options (decode, cpu_decoder, …) as keywords."""
+    options = {k: kw.pop(k) for k in ("decode", "cpu_decoder", "fast_dct") if k in kw}
+    return Loader(root, split, batch_size, image_size=image_size,
+                  sampling=Sampling(seed=seed, rank=rank, world_size=world_size,
+                                    global_batch=world_size is not None),
+                  output=Output(dtype), engine=Engine(engine, workers=workers, **options), **kw)
 
 
 def _first(loader, epoch=0):
@@ -274,14 +278,16 @@ def test_normalize_stage_matches_the_definition(dtype, tol):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_normalize_folded_into_the_decode_gives_the_stage_s_pixels(shapes_records, workers,
                                                                    monkeypatch):
+    from tricks.pipeline.engines.base import Capabilities
     from tricks.pipeline.engines.native import NativeEngine, _jpeg
     if _jpeg is None:
         pytest.skip("tricks.pipeline._jpeg not built")
     folded = _loader(shapes_records, workers=workers, seed=4)
-    assert folded.stages.engine_normalizes
-    monkeypatch.setattr(NativeEngine, "fold_normalize", lambda self, c: False)
+    assert folded.stages.input_normalized
+    monkeypatch.setattr(NativeEngine, "capabilities",
+                        classmethod(lambda cls, device, **o: Capabilities(normalizes=False)))
     staged = _loader(shapes_records, workers=workers, seed=4)
-    assert not staged.stages.engine_normalizes
+    assert not staged.stages.input_normalized
     for a, b in zip(folded, staged):
         assert a.images.dtype == torch.float32
         assert a.images.is_contiguous(memory_format=torch.channels_last)
@@ -289,13 +295,15 @@ def test_normalize_folded_into_the_decode_gives_the_stage_s_pixels(shapes_record
         assert torch.equal(a.targets, b.targets)
 
 
-@pytest.mark.parametrize("why", ["fp16", "augment", "pad", "pillow"])
+@pytest.mark.parametrize("why", ["fp16", "augment", "pad", "pillow", "uint8"])
 def test_normalize_stays_a_stage_where_the_engine_cannot_do_it(shapes_records, why):
+    from tricks.pipeline import PadCrop
     from tricks.pipeline.augment import ColorJitter
     kw = {"fp16": dict(dtype=torch.float16), "augment": dict(augment=[ColorJitter(0.4, 0.4, 0.4)]),
-          "pad": dict(crop="pad", pad=4), "pillow": dict(engine_options={"cpu_decoder": "pillow"})}
+          "pad": dict(crop=PadCrop(4)), "pillow": dict(cpu_decoder="pillow"),
+          "uint8": dict(dtype=torch.uint8)}
     loader = _loader(shapes_records, **kw[why])
-    assert not loader.stages.engine_normalizes
+    assert not loader.stages.input_normalized and loader.engine._normalize is None
     assert next(iter(loader)).images.dtype == loader.stages.dtype
 
 
@@ -306,14 +314,3 @@ def test_kept_batches_are_never_overwritten(shapes_records):
     for a, b in zip(kept, again):  # `again`'s batches are dropped at once: reused buffers
         torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
     assert len({k.images.data_ptr() for k in kept}) == len(kept)
-
-
-def test_augment_ops_added_after_the_loader_still_run(shapes_records):
-    """The engine normalizes when the loader is built without [0, 1]-pixel ops; one appended
-    later must still see [0, 1] pixels (the stage undoes the engine's normalize for it)."""
-    from tricks.pipeline.augment import ColorJitter
-    late = _loader(shapes_records, seed=2)
-    late.stages.augment.append(ColorJitter(0.9, 0.0, 0.0))
-    early = _loader(shapes_records, seed=2, augment=[ColorJitter(0.9, 0.0, 0.0)])
-    assert not early.stages.engine_normalizes
-    torch.testing.assert_close(_first(late).images, _first(early).images, rtol=0, atol=1e-5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tricks.train.config import ConfigError
+from tricks.errors import ConfigError
 from tricks.train.loss import SoftTargetCrossEntropy, smooth
 
 

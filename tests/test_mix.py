@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import cuda
-from tricks.pipeline import Loader
-from tricks.pipeline.errors import OptionError
+from tricks.pipeline import Engine, Loader, Sampling
+from tricks.errors import OptionError
 from tricks.pipeline.mix import CutMix, Mixup, Ricap, cutmix, mixup, ricap
 from tricks.pipeline.sampling import keyed_generator
 from tricks.train.loss import SoftTargetCrossEntropy, smooth
@@ -129,7 +129,8 @@ def test_bad_mix_settings_are_refused(make, message):
 @pytest.mark.parametrize("op", [Mixup(), CutMix(), Ricap()], ids=["mixup", "cutmix", "ricap"])
 def test_loader_mix_stage_gives_distributions_keyed_by_epoch(shapes_records, op):
     def first(epoch):
-        loader = Loader(shapes_records, "train", 16, image_size=32, workers=0, mix=op, seed=2)
+        loader = Loader(shapes_records, "train", 16, image_size=32, engine=Engine(workers=0), mix=op,
+                        sampling=Sampling(seed=2))
         loader.set_epoch(epoch)
         return next(iter(loader))
     a, b, c = first(0), first(0), first(1)
@@ -140,7 +141,7 @@ def test_loader_mix_stage_gives_distributions_keyed_by_epoch(shapes_records, op)
 
 
 def test_mix_can_be_switched_off(shapes_records):
-    loader = Loader(shapes_records, "train", 16, image_size=32, workers=0, mix=Mixup())
+    loader = Loader(shapes_records, "train", 16, image_size=32, engine=Engine(workers=0), mix=Mixup())
     loader.set_mix(False)
     assert next(iter(loader)).targets.ndim == 1
 

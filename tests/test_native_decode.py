@@ -10,8 +10,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from tricks.pipeline.engines import native
+from tricks.pipeline.engines.base import EngineSpec
 from tricks.pipeline.engines.native import NativeEngine, dct_denominator, pil_crop
-from tricks.pipeline.errors import DataError, OptionError
+from tricks.errors import DataError, OptionError
 from tricks.pipeline.records import RecordFile, RecordWriter
 from tricks.pipeline.sampling import BatchTask, center_boxes, keyed_generator, random_resized_boxes
 
@@ -258,8 +259,8 @@ def test_engine_uses_libjpeg_turbo_and_matches_pillow(tmp_path, workers):
     jpegs = [_jpeg(_photo((300 + 7 * k, 220 + 5 * k)), k % 3) for k in range(10)]
     records = _records(tmp_path, jpegs)
     tasks = [_task(records, 64, seed) for seed in range(3)]
-    turbo = NativeEngine(records, workers=workers)
-    pillow = NativeEngine(records, workers=0, cpu_decoder="pillow")
+    turbo = NativeEngine(records, EngineSpec(workers=workers))
+    pillow = NativeEngine(records, EngineSpec(workers=0), cpu_decoder="pillow")
     assert turbo.cpu_decoder == "libjpeg-turbo"
     try:
         for task, (a, la), (b, lb) in zip(tasks, turbo.batches(tasks), pillow.batches(tasks)):
@@ -281,7 +282,7 @@ def test_engine_uses_libjpeg_turbo_and_matches_pillow(tmp_path, workers):
 def test_engine_falls_back_to_pillow_for_cmyk_and_counts_it(tmp_path):
     jpegs = [_jpeg(_photo((200, 150))), _cmyk_jpeg(), _jpeg(_photo((150, 200)))]
     records = _records(tmp_path, jpegs)
-    engine = NativeEngine(records, workers=1)
+    engine = NativeEngine(records, EngineSpec(workers=1))
     task = _task(records, 48)
     (images, _), = list(engine.batches([task]))
     engine.close()
@@ -294,7 +295,7 @@ def test_engine_falls_back_to_pillow_for_cmyk_and_counts_it(tmp_path):
 def test_engine_names_an_undecodable_record(tmp_path):
     good = _jpeg(_photo((200, 150)))
     records = _records(tmp_path, [good, good[: len(good) // 3]])
-    engine = NativeEngine(records, workers=2)
+    engine = NativeEngine(records, EngineSpec(workers=2))
     with pytest.raises(DataError, match=r"train\.rec: record 1 cannot be decoded"):
         list(engine.batches([_task(records, 32)]))
     engine.close()
@@ -326,14 +327,14 @@ def test_without_the_extension_the_engine_says_so_once_and_uses_pillow(tmp_path,
     monkeypatch.setattr(native, "_jpeg", None)
     monkeypatch.setattr(native, "_said_pillow", False)
     with pytest.warns(RuntimeWarning, match="decodes on the CPU with Pillow"):
-        engine = NativeEngine(records, workers=0)
+        engine = NativeEngine(records, EngineSpec(workers=0))
     (images, _), = list(engine.batches([_task(records, 32)]))
     assert engine.cpu_decoder == "pillow" and engine.fallbacks == 4 and images.shape[0] == 4
     engine.close()
     with pytest.raises(OptionError, match="not built"):
-        NativeEngine(records, cpu_decoder="libjpeg-turbo")
+        NativeEngine(records, EngineSpec(), cpu_decoder="libjpeg-turbo")
     with pytest.raises(OptionError, match="cpu_decoder"):
-        NativeEngine(records, cpu_decoder="simd")
+        NativeEngine(records, EngineSpec(), cpu_decoder="simd")
 
 
 # ImageNet's constants as the stage computes them: x_u8 · scale + shift
@@ -370,8 +371,8 @@ def test_engine_normalizes_in_the_decode_threads_pillow_fallback_included(tmp_pa
     jpegs = [_jpeg(_photo((200, 150))), _cmyk_jpeg(), _jpeg(_photo((150, 200)), 0)]
     records = _records(tmp_path, jpegs)
     task = _task(records, 48)
-    plain, folded = NativeEngine(records, workers=2), NativeEngine(records, workers=2)
-    assert folded.fold_normalize(tuple(_SCALE + _SHIFT))
+    plain = NativeEngine(records, EngineSpec(workers=2))
+    folded = NativeEngine(records, EngineSpec(workers=2, normalize=tuple(_SCALE + _SHIFT)))
     (u8, _), = list(plain.batches([task]))
     (f32, _), = list(folded.batches([task]))
     plain.close(), folded.close()
@@ -380,5 +381,6 @@ def test_engine_normalizes_in_the_decode_threads_pillow_fallback_included(tmp_pa
     np.testing.assert_allclose(f32.permute(0, 2, 3, 1).numpy(),
                                _normalized(u8.permute(0, 2, 3, 1).numpy()), rtol=0, atol=1e-6)
     # a CUDA target keeps uint8 (4× fewer bytes to copy); so does the Pillow decoder
-    assert not NativeEngine(records, device="meta", decode="workers").fold_normalize((1.0,) * 6)
-    assert not NativeEngine(records, workers=0, cpu_decoder="pillow").fold_normalize((1.0,) * 6)
+    assert not NativeEngine.capabilities(torch.device("meta"), decode="workers").normalizes
+    assert not NativeEngine.capabilities(torch.device("cpu"), cpu_decoder="pillow").normalizes
+    assert NativeEngine.capabilities(torch.device("cpu")).normalizes

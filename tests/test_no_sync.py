@@ -301,7 +301,9 @@ def test_device_batch_does_not_sync(monkeypatch, shapes_records):
     records = RecordFile(shapes_records / "train.rec")
     monkeypatch.setattr(native, "decode_jpeg", lambda datas, mode, device: [
         torch.zeros(3, 64, 64, dtype=torch.uint8, device=device) for _ in datas])
-    engine = native.NativeEngine(records, device=META, decode="device", workers=1)
+    from tricks.pipeline.engines.base import EngineSpec
+    engine = native.NativeEngine(records, EngineSpec(device=META, workers=1, batch_size=N),
+                                 decode="device")
     idx = np.arange(N)
     task = BatchTask(epoch=0, batch=0, indices=idx, boxes=np.tile([[4.0, 4.0, 60.0, 60.0]], (N, 1)),
                      flips=idx % 2 == 0, size=16)

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # the folders pyproject.toml maps into the package `tricks` (its [tool.setuptools.package-dir])
-PACKAGE_DIRS = ["pipeline", "models", "train", "benchmarks", "configs"]
+PACKAGE_DIRS = ["errors", "pipeline", "models", "train", "benchmarks", "configs"]
 # what the wheel needs at run time, found where this interpreter finds it (the venv sees the
 # project's torch through a .pth file, as the brief of issue 15 asks)
 DEPENDENCIES = ["torch", "torchvision", "numpy", "PIL", "yaml", "tqdm", "matplotlib"]

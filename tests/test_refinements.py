@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import tricks.train.trainer as trainer_mod
-from tricks.pipeline.errors import UserError
+from tricks.errors import UserError
 from tricks.train.adabound import AdaBound
 from tricks.train.checkpoint import load_checkpoint
 from tricks.train.config import load_config
@@ -182,7 +182,7 @@ def test_progressive_resizing_changes_train_size_not_val(shapes_records, tmp_pat
     ("teacher.temperature=0", "teacher.temperature must be > 0"),
 ])
 def test_bad_refinement_settings(override, message):
-    from tricks.train.config import ConfigError
+    from tricks.errors import ConfigError
     with pytest.raises(ConfigError) as e:
         load_config([], SMALL + [override])
     assert message in str(e.value)
@@ -190,7 +190,7 @@ def test_bad_refinement_settings(override, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_sync_bn_on_the_cpu_is_a_clear_error(shapes_records):
-    from tricks.train.config import ConfigError
+    from tricks.errors import ConfigError
     cfg = load_config([], SMALL + [f"data.path={shapes_records}", "train.sync_bn=true",
                                    "train.device=cpu"])
     with pytest.raises(ConfigError, match="sync_bn needs CUDA"):

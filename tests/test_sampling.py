@@ -226,26 +226,44 @@ def test_plan_defaults_are_torchvisions_and_the_papers():
             assert np.array_equal(ta.indices, tb.indices) and np.allclose(ta.boxes, tb.boxes)
 
 
-@pytest.mark.parametrize("n,batch,world", [(103, 16, 1), (103, 16, 4), (6, 4, 4), (5, 8, 8)])
+@pytest.mark.parametrize("n,batch,world", [(103, 16, 1), (103, 16, 4), (6, 4, 4), (5, 8, 8),
+                                          (10, 4, 4), (10, 16, 4), (11, 8, 4)])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_plan_ranks_together_cover_each_sample_once(n, batch, world, drop_last):
-    # as torch's DistributedSampler without padding: over all ranks, an epoch holds every
-    # record once (a short last batch split as evenly as it goes, a rank with nothing to do
-    # skipped), or every record of the full batches once with drop_last
+def test_plan_ranks_together_cover_each_sample_once_in_equal_batch_counts(n, batch, world,
+                                                                          drop_last):
+    # over all ranks, an epoch holds every record once (or every record of the full global
+    # batches once with drop_last), and every rank yields len(plan) batches of at most
+    # batch / world records: a user's loop with one collective per batch never deadlocks
     h = np.full(n, 40, np.uint32)
     w = np.full(n, 50, np.uint32)
-    seen = []
+    seen, counts = [], []
     for rank in range(world):
         plan = EpochPlan(n, batch, seed=1, train=True, drop_last=drop_last, shuffle=True,
                          rank=rank, world_size=world)
-        for t in plan.tasks(2, h, w, 32):
+        tasks = list(plan.tasks(2, h, w, 32))
+        counts.append(len(tasks))
+        assert [t.batch for t in tasks] == list(range(len(plan)))
+        for t in tasks:
             assert len(t.indices) <= batch // world
             seen.extend(t.indices.tolist())
+    assert counts == [len(plan)] * world
     want = n - n % batch if drop_last else n
-    assert sorted(seen) == sorted(epoch_order(n, 1, 2, True)[:want].tolist())
-    assert len(seen) == want
-    # and its length is torch's DataLoader's for the same batch size and drop_last
-    assert len(plan) == len(DataLoader(range(n), batch_size=batch, drop_last=drop_last))
+    assert len(seen) == want and len(set(seen)) == want
+    if drop_last or world == 1:  # global batches: DataLoader's length
+        assert sorted(seen) == sorted(epoch_order(n, 1, 2, True)[:want].tolist())
+        assert len(plan) == len(DataLoader(range(n), batch_size=batch, drop_last=drop_last))
+
+
+def test_sharded_batches_are_empty_only_when_a_shard_is_shorter_than_the_epoch():
+    # 11 records, 4 ranks, one per rank and batch: shards of 3, 3, 3, 2 in 3 batches each; the
+    # last rank's last batch is empty. With 2 per rank and batch, none is (shards of ≥ 2 fill 2)
+    h = np.full(11, 40, np.uint32)
+    sizes = [[len(t.indices) for t in EpochPlan(11, 4, 0, False, False, False, r, 4)
+              .tasks(0, h, h, 8)] for r in range(4)]
+    assert sizes == [[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0]]
+    sizes = [[len(t.indices) for t in EpochPlan(11, 8, 0, False, False, False, r, 4)
+              .tasks(0, h, h, 8)] for r in range(4)]
+    assert sizes == [[2, 1], [2, 1], [2, 1], [1, 1]]
 
 
 def test_plan_refuses_a_rank_outside_the_world():
@@ -263,7 +281,7 @@ def test_plan_shifts_give_one_shift_per_sample_of_the_ranks_share(world):
         plan = EpochPlan(n, batch, seed=7, train=True, drop_last=False, shuffle=True,
                          rank=rank, world_size=world)
         tasks = list(plan.tasks(1, h, h, 32))
-        assert tasks[-1].batch == len(plan) - 1 or rank >= n % batch  # 2 left for 3 ranks
+        assert len(tasks) == len(plan)
         for t in tasks:
             s = plan.shifts(1, t.batch, pad)
             assert s.shape == (len(t.indices), 2) and int(s.abs().max()) <= pad

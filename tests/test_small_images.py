@@ -9,7 +9,7 @@ from PIL import Image
 
 from tricks.benchmarks.small_images import _variant, main
 from tricks.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
-from tricks.train.cli import config_path
+from tricks.train.config import preset_path as config_path
 from tricks.train.config import load_config
 
 

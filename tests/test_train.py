@@ -171,7 +171,7 @@ def test_folder_tree_is_converted_on_the_fly(shapes_tree, tmp_path, monkeypatch)
 def test_model_weights_option_loads_a_torchvision_state_dict(tmp_path):
     import torchvision
 
-    from tricks.train.config import ConfigError
+    from tricks.errors import ConfigError
     from tricks.train.trainer import build_model
 
     tv = torchvision.models.resnet18(num_classes=10).eval()

@@ -3,11 +3,12 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from tricks.pipeline import Loader
-from tricks.pipeline.errors import OptionError
+from tricks.pipeline import Engine, Loader, PadCrop, Sampling
+from tricks.errors import OptionError
 from tricks.pipeline.sampling import EpochPlan
 from tricks.pipeline.translate import draw_shifts, translate
-from tricks.train.config import ConfigError, load_config
+from tricks.errors import ConfigError
+from tricks.train.config import load_config
 
 
 def reference(img: torch.Tensor, dx: int, dy: int, pad: int, fill: int,
@@ -72,14 +73,16 @@ def test_plan_shifts_do_not_depend_on_the_number_of_ranks():
     assert not torch.equal(EpochPlan(**kw).shifts(2, 6, 4), whole)  # a new draw per batch
 
 
-def _loader(root, **kw):
-    return Loader(root, "train", 16, workers=0, image_size=32, seed=7, **kw)
+def _loader(root, pad=None, pad_fill=0, pad_mode="constant", crop=None):
+    crop = PadCrop(pad, pad_fill, pad_mode) if pad is not None else crop
+    return Loader(root, "train", 16, engine=Engine(workers=0), image_size=32,
+                  sampling=Sampling(seed=7), crop=crop)
 
 
 @pytest.mark.parametrize("mode", ["constant", "reflect"])
 def test_pad_crop_loader_is_the_whole_image_shifted(shapes_records, mode):
-    plain = _loader(shapes_records, crop="pad", pad=0, dtype=torch.float32)
-    padded = _loader(shapes_records, crop="pad", pad=4, pad_fill=255, pad_mode=mode)
+    plain = _loader(shapes_records, pad=0)
+    padded = _loader(shapes_records, pad=4, pad_fill=255, pad_mode=mode)
     plain.set_epoch(1)
     padded.set_epoch(1)
     for b, (a, c) in enumerate(zip(plain, padded)):
@@ -99,13 +102,13 @@ def test_pad_crop_loader_is_the_whole_image_shifted(shapes_records, mode):
 
 
 def test_pad_crop_options_are_one_line_errors(shapes_records):
-    with pytest.raises(OptionError, match="padding 32 must be smaller than the 32² image"):
-        _loader(shapes_records, crop="pad", pad=32)
+    with pytest.raises(OptionError, match=r"PadCrop\(pad=32\) must be smaller than the 32² "):
+        _loader(shapes_records, pad=32)
     with pytest.raises(OptionError, match="fill must be an integer 0..255"):
-        _loader(shapes_records, crop="pad", pad_fill=300)
-    with pytest.raises(OptionError, match="unknown pad-and-crop padding mode 'wrap'"):
-        _loader(shapes_records, crop="pad", pad_mode="wrap")
-    with pytest.raises(OptionError, match="unknown crop 'zoom'"):
+        _loader(shapes_records, pad=4, pad_fill=300)
+    with pytest.raises(OptionError, match=r"PadCrop\(mode='wrap'\): choose one of constant"):
+        _loader(shapes_records, pad=4, pad_mode="wrap")
+    with pytest.raises(OptionError, match="Loader.crop='zoom'.: give RandomResizedCrop"):
         _loader(shapes_records, crop="zoom")
 
 
@@ -125,16 +128,15 @@ def test_pad_crop_config_errors(override, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("engine,options", [("native", {}), ("dali", {"source": "records"}),
-                                            ("dali", {"source": "files"})])
+@pytest.mark.parametrize("engine,options", [("native", {}), ("dali", {})])
 def test_pad_crop_works_with_every_engine(coloured, engine, options):
     # constant-colour images: after pad-and-crop, exactly the shifted-in border is the fill
     if engine == "dali":
         pytest.importorskip("nvidia.dali")
     root, _ = coloured
-    loader = Loader(root, "train", 8, image_size=24, engine=engine, workers=2 if engine ==
-                    "dali" else 0, seed=4, crop="pad", pad=5, pad_fill=0,
-                    engine_options=options or None)
+    loader = Loader(root, "train", 8, image_size=24,
+                    engine=Engine(engine, workers=2 if engine == "dali" else 0, **options),
+                    sampling=Sampling(seed=4), crop=PadCrop(5, 0))
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     loader.set_epoch(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tricks.pipeline.errors import UserError
+from tricks.errors import UserError
 
 FORMAT_VERSION = 1
 

@@ -2,24 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-from tricks.pipeline.errors import UserError
+from tricks.errors import UserError, exit_on_user_error
 
-
-
-def _preset_dir() -> Path:
-    """configs/ in a source tree, or the ``tricks.configs`` package data of an installed wheel."""
-    spec = importlib.util.find_spec("tricks.configs")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the presets (package tricks.configs) are missing from this install")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-CONFIG_DIR = _preset_dir()
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -67,7 +55,7 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=["train", "models", "loader", "augment"])
     b.add_argument("args", nargs=argparse.REMAINDER)
 
-    # `tricks ablate …` is handed whole to train.ablate's own parser (see main)
+    # `tricks ablate …` is handed whole to benchmarks.ablate's own parser (see main)
     sub.add_parser("ablate", help="the paper's ablation tables (4, 5, 6, augment) on a dataset; "
                    "`tricks ablate --help`", add_help=False)
 
@@ -101,20 +89,9 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    preset = CONFIG_DIR / f"{name}.yaml"
-    if not preset.is_file():
-        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise UserError(f"unknown preset {name!r}; presets: {names} (or give a YAML file)")
-    return preset
-
-
 def cmd_train(args) -> int:
     from .checkpoint import load_checkpoint
-    from .config import load_config
+    from .config import load_config, preset_path
     from .trainer import Trainer
 
     if args.resume:
@@ -122,7 +99,7 @@ def cmd_train(args) -> int:
             raise UserError("--resume takes the run's saved config; give overrides, not --config")
         cfg = load_config([], args.overrides, base=load_checkpoint(args.resume)["config"])
     else:
-        cfg = load_config([config_path(c) for c in (args.config or ["demo"])], args.overrides)
+        cfg = load_config([preset_path(c) for c in (args.config or ["demo"])], args.overrides)
     if args.print_config:
         from .config import dump_config
         print(dump_config(cfg), end="")
@@ -135,8 +112,9 @@ def cmd_train(args) -> int:
         trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
         say = trainer.log
         say(f"run dir: {trainer.run_dir}  (device {trainer.device}, {cfg.model.name}, "
-            f"{trainer.num_classes} classes, {trainer.steps_per_epoch} iterations/epoch, "
-            f"{trainer.dist.world_size} process(es))")
+            f"{_count(trainer.num_classes, 'class', 'classes')}, "
+            f"{_count(trainer.steps_per_epoch, 'iteration')}/epoch, "
+            f"{_count(trainer.dist.world_size, 'process', 'processes')})")
         try:
             result = trainer.fit()
         except Stopped as e:
@@ -155,15 +133,19 @@ def cmd_train(args) -> int:
         distributed.shutdown()
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def cmd_show_batch(args) -> int:
     import torch
 
     from tricks.pipeline.preview import save_grid
 
-    from .config import load_config
+    from .config import load_config, preset_path
     from .data import make_loaders, resolve_dataset
 
-    cfg = load_config([config_path(c) for c in (args.config or ["demo"])], args.overrides)
+    cfg = load_config([preset_path(c) for c in (args.config or ["demo"])], args.overrides)
     cfg.train.batch = args.count
     root = resolve_dataset(cfg.data.path, cfg.data.max_side, cfg.data.quality)
     train, val = make_loaders(cfg, root, torch.device("cpu"), torch.float32)
@@ -186,10 +168,10 @@ def cmd_plot(args) -> int:
 
 
 def cmd_lr(args) -> int:
-    from .config import load_config
+    from .config import load_config, preset_path
     from .lr_listing import format_listing, lr_columns, plot_png
 
-    cfg = load_config([config_path(c) for c in (args.config or ["demo"])], args.overrides)
+    cfg = load_config([preset_path(c) for c in (args.config or ["demo"])], args.overrides)
     spe = args.steps_per_epoch
     if spe is None:
         from tricks.pipeline.records import RecordFile, split_path
@@ -220,8 +202,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import main as ablate_main
-    return ablate_main(args.args, files_resolver=config_path)
+    from tricks.benchmarks.ablate import main as ablate_main
+    return ablate_main(args.args)
 
 
 def cmd_eval(args) -> int:
@@ -230,7 +212,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from .checkpoint import load_checkpoint
-    from .config import load_config
+    from .config import load_config, preset_path
     from .data import make_val_loader, pick_val_split, resolve_dataset
     from .loss import SoftTargetCrossEntropy
     from .trainer import DTYPES, build_model, check_precision, evaluate, select_device
@@ -260,6 +242,9 @@ def cmd_eval(args) -> int:
     result = evaluate(model, loader, SoftTargetCrossEntropy(loader.num_classes), autocast,
                       progress=True)
     loader.close()
+    # the same words and units as `tricks train`'s epoch line; then the record, as fractions
+    print(f"{split}: top-1 {100 * result['val_top1']:.2f}%, top-5 {100 * result['val_top5']:.2f}%"
+          f", loss {result['val_loss']:.4f} ({result['val_images']} images)")
     print(json.dumps({"checkpoint": state["path"], "data": str(root), "split": split, **result}))
     return 0
 
@@ -275,15 +260,6 @@ def cmd_convert(args) -> int:
                      beton=beton, keep_empty_classes=args.keep_empty_classes)
     print(format_report(report))
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    # errors re-raised from a DataLoader worker carry the worker's traceback: keep its last line
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    line = lines[-1] if lines else type(e).__name__
-    if ": " in line and line.split(": ", 1)[0].endswith("Error"):
-        line = line.split(": ", 1)[1]
-    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,16 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler = {"train": cmd_train, "eval": cmd_eval, "convert": cmd_convert,
                "show-batch": cmd_show_batch, "plot": cmd_plot, "bench": cmd_bench,
-               "lr": cmd_lr,
-               "ablate": cmd_ablate}[args.command]
-    try:
-        return handler(args)
-    except UserError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+               "lr": cmd_lr, "ablate": cmd_ablate}[args.command]
+    return exit_on_user_error(lambda: handler(args))
 
 
 if __name__ == "__main__":

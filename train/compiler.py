@@ -4,15 +4,15 @@ Inductor compiles generated code while the first steps run: on CUDA, Triton buil
 of each kernel with a C compiler (``CC``, else ``gcc``, else ``clang``: Triton's
 ``runtime/build.py``, ``_find_compiler``); on the CPU, Inductor builds C++ with ``CXX``, else
 ``g++`` (``torch._inductor.config.cpp.cxx``; ``clang++`` is looked for here too). A machine
-without one fails deep inside the first step with a long traceback; ``require`` says it in one
-line instead, when the model is built.
+without one fails deep inside the first step with a long traceback; ``require_compiler`` says it
+in one line instead, when the model is built.
 """
 from __future__ import annotations
 
 import os
 import shutil
 
-from .config import ConfigError
+from tricks.errors import ConfigError
 
 # (environment variable, programs looked up on PATH in order) per device type
 _SEARCH = {"cuda": ("CC", ("gcc", "clang")), "cpu": ("CXX", ("g++", "clang++"))}

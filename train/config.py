@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tricks.pipeline.errors import UserError
+from tricks.errors import ConfigError
+from tricks.pipeline.ops import AUGMENT_OPS, MIX_OPS
+from tricks.pipeline.options import DEFAULT_CROP_RATIO, DEFAULT_RATIO, DEFAULT_SCALE
 from tricks.pipeline.translate import PAD_MODES
-
-
-class ConfigError(UserError):
-    pass
 
 
 @dataclass
@@ -25,21 +24,21 @@ class DataConfig:
     path: str | None = None          # converted folder or ImageFolder tree; None: embedded demo
     train_split: str = "train"
     val_split: str | None = None     # None: the first of val, validation, test that exists
-    engine: str = "native"           # native | dali
-    engine_options: dict = field(default_factory=dict)  # the engine's own knobs (DALI: source,
-    #                                  hw_decoder_load)
+    engine: str = "native"           # native | dali | ffcv
+    engine_options: dict = field(default_factory=dict)  # the engine's own knobs (native:
+    #                                  cpu_decoder, fast_dct; DALI: hw_decoder_load; FFCV: order)
     decode: str = "auto"             # auto | workers (CPU processes) | device (nvJPEG on CUDA)
     workers: int | None = None       # decode processes; None: one per core, at most 16
     prefetch: int = 2                # batches prepared ahead
     image_size: int = 224
     val_image_size: int | None = None
-    crop_ratio: float = 0.875        # validation: resize to size/crop_ratio, centre-crop size
+    crop_ratio: float = DEFAULT_CROP_RATIO  # validation: resize to size/crop_ratio, centre-crop
     crop: str = "random_resized"     # random_resized (scale, ratio) | pad (pad-and-crop, small images)
     pad: int = 4                     # pad-and-crop: shift of up to ±pad pixels each way
     pad_fill: int = 0                # pad-and-crop: uint8 level outside the image (0: black)
     pad_mode: str = "constant"       # pad-and-crop: constant (pad_fill) | edge | reflect | symmetric
-    scale: list = field(default_factory=lambda: [0.08, 1.0])
-    ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    scale: list = field(default_factory=lambda: list(DEFAULT_SCALE))
+    ratio: list = field(default_factory=lambda: list(DEFAULT_RATIO))
     max_side: int | None = None      # when a folder tree is converted on the fly
     quality: int = 90
     progressive: list = field(default_factory=list)  # [[epoch, size], …]: train size from epoch
@@ -47,7 +46,9 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    ops: list = field(default_factory=list)  # in order, of: jitter lighting cutout erasing autoaugment
+    ops: list = field(default_factory=list)  # in order, of pipeline.ops.AUGMENT_OPS: jitter
+    #                                  lighting cutout erasing autoaugment randaugment
+    #                                  trivialaugment grayscale blur
     brightness: float = 0.4          # jitter: factors in [1 − b, 1 + b] (the paper: 0.4)
     contrast: float = 0.4
     saturation: float = 0.4
@@ -62,6 +63,12 @@ class AugmentConfig:
     erasing_ratio: float = 0.3       # aspect in [r1, 1/r1]
     erasing_fill: str = "random"     # random | mean | zero
     autoaugment_policy: str = "imagenet"
+    randaugment_ops: int = 2         # RandAugment: ops per image (torchvision's default)
+    randaugment_magnitude: int = 9   # RandAugment: bin of 31 (torchvision's default)
+    grayscale_p: float = 0.1         # random grayscale: probability (torchvision's default)
+    blur_kernel: int = 9             # Gaussian blur: odd kernel side, pixels
+    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])  # σ range (torchvision's)
+    blur_p: float = 0.5              # Gaussian blur: probability per image (SimCLR's)
 
 
 @dataclass
@@ -237,7 +244,7 @@ _CHOICES = {
     "data.pad_mode": PAD_MODES,
     "data.decode": ("auto", "workers", "device"),
     "model.init": ("xavier", "torchvision"),
-    "mix.name": ("none", "mixup", "cutmix", "ricap"),
+    "mix.name": ("none", *MIX_OPS),
     "optim.name": ("sgd", "adabound", "amsbound"),
     "optim.lr_scaling": ("linear", "none"),
     "schedule.name": ("cosine", "linear", "step"),
@@ -262,9 +269,19 @@ def _check_model_names(cfg: Config) -> None:
             raise ConfigError(f"{key}={name!r}: unknown model{hint}; known: {', '.join(known)}")
 
 
+def _choices() -> dict:
+    """Every option with a fixed set of values, the sets taken from where they are defined."""
+    from tricks.pipeline.engines.base import engine_names
+    return {**_CHOICES, "data.engine": tuple(engine_names())}
+
+
 def validate(cfg: Config) -> None:
     _check_model_names(cfg)
-    for key, choices in _CHOICES.items():
+    unknown = [op for op in cfg.augment.ops if op not in AUGMENT_OPS]
+    if unknown:
+        raise ConfigError(f"augment.ops: unknown {', '.join(map(repr, unknown))}; choose from "
+                          f"{', '.join(AUGMENT_OPS)}")
+    for key, choices in _choices().items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
@@ -274,6 +291,12 @@ def validate(cfg: Config) -> None:
                        ("data.image_size", cfg.data.image_size)):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    o = cfg.optim
+    for key, value, positive in (("optim.lr", o.lr, True), ("optim.final_lr", o.final_lr, True),
+                                 ("optim.eps", o.eps, True), ("optim.momentum", o.momentum, False),
+                                 ("optim.weight_decay", o.weight_decay, False)):
+        if value < 0 or (positive and value == 0):
+            raise ConfigError(f"{key} must be {'> 0' if positive else '≥ 0'}, got {value}")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if cfg.schedule.warmup_epochs < 0:
@@ -308,6 +331,31 @@ def validate(cfg: Config) -> None:
                               f"training image is {smallest}²")
         if not 0 <= d.pad_fill <= 255:
             raise ConfigError(f"data.pad_fill={d.pad_fill} must be a uint8 level in 0..255")
+
+
+def _preset_dir() -> Path:
+    """configs/ in a source tree, or the ``tricks.configs`` package data of an installed wheel."""
+    spec = importlib.util.find_spec("tricks.configs")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the presets (package tricks.configs) are missing from this install")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+PRESET_DIR = _preset_dir()
+
+
+def preset_path(name: str) -> Path:
+    """A preset's YAML file: a file path as it is (a ``.yaml``/``.yml`` name, or an existing
+    file), else ``PRESET_DIR/<name>.yaml``. A folder that happens to share a preset's name (a
+    ``cifar/`` dataset in the current directory) does not shadow the preset."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name}.yaml"
+    if not preset.is_file():
+        names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset {name!r}; presets: {names} (or give a YAML file)")
+    return preset
 
 
 def dump_config(cfg: Config) -> str:

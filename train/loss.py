@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from tricks.errors import ConfigError
 
 
 def check_smoothing(epsilon: float, num_classes: int) -> None:

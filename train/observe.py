@@ -70,11 +70,8 @@ class Observer:
         import numpy as np
 
         from tricks.pipeline.preview import grid_image
-        from tricks.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
-        stages = getattr(loader, "stages", None)
-        mean = stages.mean.flatten().tolist() if stages is not None else IMAGENET_MEAN
-        std = stages.std.flatten().tolist() if stages is not None else IMAGENET_STD
-        grid = grid_image(images[:16].cpu(), targets[:16].cpu(), loader.classes, mean, std,
+        output = loader.output
+        grid = grid_image(images[:16].cpu(), targets[:16].cpu(), loader.classes, output.mean, output.std,
                           cell=128)
         self.writer.add_image("train/first_batch", np.asarray(grid), step, dataformats="HWC")
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tricks.pipeline.errors import UserError
+from tricks.errors import UserError
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -16,13 +16,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from tricks.errors import ConfigError, UserError
 from tricks.models import create_model, load_torchvision_state_dict
-from tricks.pipeline.errors import UserError
 
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .compiler import require_compiler
-from .config import Config, ConfigError, dump_config
+from .config import Config, dump_config
 from .data import make_loaders, resolve_dataset
 from .distill import DistillationLoss
 from .ema import ExponentialMovingAverage

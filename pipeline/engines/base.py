@@ -1,28 +1,102 @@
-"""The decode-engine interface: the one seam a new engine (DALI, FFCV, …) implements.
+"""The decode-engine contract: the one seam every engine (native, DALI, FFCV, yours) implements.
 
-An engine turns a stream of ``BatchTask`` (record indices, crop boxes, flips, output side) into
-``(images, labels)``: uint8 N×3×S×S on the engine's device with channels-last strides, and int64
-labels on the same device. Everything after it (augment, normalize, mix) is shared.
+An engine is constructed from the split's ``RecordFile`` and an ``EngineSpec`` (where its
+batches go and what it may use), plus its own keyword options, and then does one thing:
+
+    batches(tasks) → (images, labels) per task, in the tasks' order
+
+where each ``BatchTask`` (``pipeline.sampling``) names the records of one batch of this rank, in
+order, with a crop box (x0, y0, x1, y1 in source pixels) and a horizontal flip per record and the
+output side S. The engine decodes those records, crops each box, resizes it to S×S and flips it
+where told, and yields
+
+    images  uint8 N×3×S×S with channels-last strides on ``spec.device``, or, where the Loader
+            asked for it (``spec.normalize``), float32 ``x_u8 · scale + shift`` per channel
+    labels  int64 N on ``spec.device``
+
+Everything after the engine (pad-and-crop, augment, normalize, mix) is the Loader's, the same
+for every engine. An engine that cannot follow part of a task says so in one place,
+``capabilities()``, which the Loader reads before building it and turns into a one-line refusal
+of the combination; nothing else about an engine is duck-typed.
+
+A new engine is one module with one ``@register_engine("name")`` class, imported in
+``ENGINE_MODULES``; tests/test_engine_contract.py runs every registered engine through the same
+conformance checks.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Protocol
+import importlib
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Iterator, Protocol
 
 import torch
 
-from ..errors import OptionError
-from ..sampling import BatchTask
+from tricks.errors import OptionError
+from ..sampling import BatchTask, EpochPlan  # noqa: F401  (EpochPlan: a type hint)
+
+# the modules that register engines; an engine whose own dependencies are missing still
+# registers (it raises its install hint when built)
+ENGINE_MODULES = ("native", "dali", "ffcv")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the Loader tells an engine.
+
+    Attributes:
+        device: where batches go (``cpu``, ``cuda:N``; ``meta`` in the sync tests).
+        workers: decode threads or processes (≥ 0; 0: the engine's in-process path).
+        prefetch: batches made ahead of the consumer (≥ 1).
+        batch_size: this rank's largest batch (for buffers and fixed-size pipelines).
+        normalize: None for uint8 output, else 6 floats (scale r, g, b, shift r, g, b): write
+            float32 ``x_u8 · scale + shift``; only given when ``capabilities().normalizes``.
+        plan: the ``EpochPlan`` the tasks come from, given only to an engine that does not
+            follow the plan (``capabilities().follows_plan`` False), so it can imitate its
+            sampling (batch size, order, shards, crop distribution).
+    """
+    device: torch.device = torch.device("cpu")
+    workers: int = 0
+    prefetch: int = 2
+    batch_size: int = 256
+    normalize: tuple[float, ...] | None = None
+    plan: "EpochPlan | None" = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "device", torch.device(self.device))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine does with a task, for the Loader to check once, up front.
+
+    Attributes:
+        follows_plan: yields the tasks' records in order, with the tasks' boxes and flips, so
+            a batch depends only on (seed, epoch, batch): same-seed runs agree and a run resumes
+            at any batch. False: the engine draws crops itself (``reason`` says how).
+        normalizes: can write normalized float32 itself (``EngineSpec.normalize``).
+        reason: why ``follows_plan`` is False, for the Loader's one-line refusal.
+    """
+    follows_plan: bool = True
+    normalizes: bool = False
+    reason: str = ""
 
 
 class Engine(Protocol):
+    """The interface (see the module docstring). ``capabilities`` is a classmethod: the Loader
+    calls it with the device and the engine's options before building the engine, and it
+    raises ``OptionError`` for an option the engine does not take."""
+    name: ClassVar[str]
     device: torch.device
 
+    @classmethod
+    def capabilities(cls, device: torch.device, **options) -> Capabilities: ...
+
     def batches(self, tasks: Iterable[BatchTask]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Decode, crop, resize and flip each task's samples; yield them in task order."""
+        """Decode, crop, resize and flip each task's records; yield them in task order."""
         ...
 
     def close(self) -> None:
-        """Release workers and threads."""
+        """Release workers, threads and buffers; safe to call twice."""
         ...
 
 
@@ -30,16 +104,27 @@ _ENGINES: dict[str, type] = {}
 
 
 def register_engine(name: str):
+    """Class decorator: make the engine available to ``Loader(engine=name)``; a name taken
+    twice is an error (torchvision's model registry does the same)."""
     def wrap(cls):
         if name in _ENGINES:
             raise ValueError(f"engine {name!r} is already registered")
+        cls.name = name
         _ENGINES[name] = cls
         return cls
     return wrap
 
 
+def engine_names() -> list[str]:
+    """Every registered engine's name (installed or not)."""
+    for module in ENGINE_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+    return sorted(_ENGINES)
+
+
 def engine_class(name: str) -> type:
-    from . import dali, ffcv, native  # noqa: F401  (registers them; DALI, FFCV load lazily)
+    """The engine registered as ``name``; ``OptionError`` naming the choices otherwise."""
+    names = engine_names()
     if name not in _ENGINES:
-        raise OptionError(f"unknown engine {name!r}; available: {', '.join(sorted(_ENGINES))}")
+        raise OptionError(f"unknown engine {name!r}; available: {', '.join(names)}")
     return _ENGINES[name]

@@ -1,23 +1,16 @@
 """The DALI engine: JPEG decode, crop, resize and flip inside an NVIDIA DALI pipeline.
 
-Two sources, one output contract (uint8 N×3×S×S channels-last + int64 labels, on the device):
-
-- ``source="records"`` (default): the project's record file through ``fn.external_source`` in
-  batch mode. The Loader's plan (order, shards, crop boxes, flips) is fed in, and DALI decodes
-  only each crop (``fn.decoders.image_slice``, the ROI decode), so batches are the same samples
-  and crops as the native engine's: keyed by (seed, epoch, batch), resumable at any batch.
-- ``source="files"``: the same stored records (what ``tricks convert`` validated: upright,
-  8-bit RGB, transparency on white), in the Loader's order and shards, but training crops are
-  DALI's own (``fn.decoders.image_random_crop``, seeded per rank) instead of the plan's boxes;
-  validation is the records path (the plan's centre crops). It used to be DALI's file reader
-  over the original files: those are not what convert normalised (transparency came out black,
-  16-bit images, EXIF orientation differed), a list of names could not hold every name the file
-  system allows, and DALI's reader sharding (``pad_last_batch``) disagreed with the plan's batch
-  count, so sharded evaluation dropped images. Reading the records fixes all three.
+The project's record file goes in through ``fn.external_source`` in batch mode: the Loader's
+tasks (order, shards, crop boxes, flips) are fed in, and DALI decodes only each crop
+(``fn.decoders.image_slice``, the ROI decode), so batches are the same samples and crops as the
+native engine's: keyed by (seed, epoch, batch), resumable at any batch. (A former
+``source="files"`` drew DALI's own crops with ``fn.decoders.image_random_crop`` from the same
+records: it decoded the same ROI at the same speed but could neither resume nor match another
+run's crops, so it is gone.)
 
 On CUDA, decoding is ``device="mixed"`` (nvJPEG, with ``hw_decoder_load`` for the A100/H100
 hardware decoder) and resize/flip run on the GPU; without a GPU the pipeline runs on the CPU
-(``device_id=None``). Each pipeline is built once and reused for every epoch and image size.
+(``device_id=None``). The pipeline is built once and reused for every epoch and image size.
 """
 from __future__ import annotations
 
@@ -27,10 +20,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from ..errors import OptionError, UserError
+from tricks.errors import OptionError, UserError
 from ..records import RecordFile
-from ..sampling import BatchTask, EpochPlan, keyed_generator
-from .base import register_engine
+from ..sampling import BatchTask
+from .base import Capabilities, EngineSpec, register_engine
 
 INSTALL_HINT = ("the DALI engine needs NVIDIA DALI: pip install 'tricks[dali]' (CUDA 12) or "
                 "'tricks[dali-cu13]' (CUDA 13); install only one of them")
@@ -45,13 +38,9 @@ def _import_dali():
     return fn, pipeline_def, types
 
 
-def _seed(*key) -> int:
-    return int(keyed_generator(*key).initial_seed() % (2**31 - 1))
-
-
 class _Feed:
-    """Iterable the pipeline pulls batches from (DALI calls ``iter`` on each reset): the plan's
-    records, crop boxes and flips (``boxes=False``: records, sizes and labels only).
+    """Iterable the pipeline pulls batches from (DALI calls ``iter`` on each reset): the tasks'
+    records, crop boxes, flips, output sizes and labels.
 
     The JPEG bytes go to DALI as zero-copy views of the record file's memory map, which the
     external source takes with ``no_copy=True``: no copy of the batch's ~100 MB (1,024 ImageNet
@@ -62,8 +51,8 @@ class _Feed:
     is read-only; the small per-batch arrays (boxes, sizes, labels) are kept here for ``keep``
     batches, more than the queue holds."""
 
-    def __init__(self, records: RecordFile, boxes: bool = True, keep: int = 4):
-        self.records, self.boxes = records, boxes
+    def __init__(self, records: RecordFile, keep: int = 4):
+        self.records = records
         self.tasks: list[BatchTask] = []
         self._alive: deque = deque(maxlen=keep)
 
@@ -73,55 +62,56 @@ class _Feed:
             jpegs = [self.records.raw(int(i)) for i in t.indices]
             sizes = [np.array(float(t.size), np.float32)] * len(t.indices)
             lab = [np.array(labels[i], np.int64) for i in t.indices]
-            if not self.boxes:
-                batch = jpegs, sizes, lab
-            else:
-                b = t.boxes.astype(np.float32)
-                anchors = list(b[:, :2])
-                shapes = list(b[:, 2:] - b[:, :2])
-                flips = [np.array(int(f), np.int32) for f in t.flips]
-                batch = jpegs, anchors, shapes, flips, sizes, lab
+            b = t.boxes.astype(np.float32)
+            anchors = list(b[:, :2])
+            shapes = list(b[:, 2:] - b[:, :2])
+            flips = [np.array(int(f), np.int32) for f in t.flips]
+            batch = jpegs, anchors, shapes, flips, sizes, lab
             self._alive.append(batch)
             yield batch
 
 
 @register_engine("dali")
 class DaliEngine:
-    def __init__(self, records: RecordFile, device: torch.device | str, decode: str,
-                 workers: int, prefetch: int, plan: EpochPlan, *, source: str = "records",
-                 hw_decoder_load: float = 0.65):
+    """Options: ``hw_decoder_load`` (the share of images nvJPEG's hardware decoder takes on
+    A100/H100, DALI's own option; CUDA only)."""
+
+    @classmethod
+    def capabilities(cls, device: torch.device, hw_decoder_load: float = 0.65, **options
+                     ) -> Capabilities:
+        if options.pop("source", "records") != "records":
+            raise OptionError("the DALI engine reads the records (source=records); its former "
+                              "files source, with DALI's own crops, is gone")
+        if options:
+            raise OptionError(f"the DALI engine has no option(s) {', '.join(options)}")
+        if not 0 <= hw_decoder_load <= 1:
+            raise OptionError(f"DALI hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
+        return Capabilities()
+
+    def __init__(self, records: RecordFile, spec: EngineSpec, *, hw_decoder_load: float = 0.65,
+                 source: str = "records"):
         self.fn, self.pipeline_def, self.types = _import_dali()
-        if source not in ("records", "files"):
-            raise OptionError(f"unknown DALI source {source!r}; choose records or files")
-        if decode not in ("auto", "device"):
-            raise OptionError(f"the DALI engine decodes inside DALI; decode={decode!r} does "
-                              "not apply (leave it auto)")
-        self.records, self.source = records, source
-        self.device = torch.device(device)
+        self.records = records
+        self.device = torch.device(spec.device)
         cuda = self.device.type == "cuda"
         self.device_id = (self.device.index or 0) if cuda else None
-        self.batch_size = max(1, plan.batch_size // plan.world_size)
-        self.train, self.seed = plan.train, plan.seed
-        self.rank, self.world = plan.rank, plan.world_size
-        self.scale, self.ratio, self.crop_ratio = plan.scale, plan.ratio, plan.crop_ratio
-        self.opts = dict(threads=max(1, workers), prefetch=max(1, prefetch),
+        self.batch_size = max(1, spec.batch_size)
+        self.opts = dict(threads=max(1, spec.workers), prefetch=max(1, spec.prefetch),
                          hw_decoder_load=hw_decoder_load)
-        # the files source crops with DALI only in training; validation is the records path
-        self._own_crops = source == "files" and plan.train
-        self._feed = _Feed(records, boxes=not self._own_crops,
-                           keep=self.opts["prefetch"] + 2)
+        self._feed = _Feed(records, keep=self.opts["prefetch"] + 2)
         self._pipe = None
         self._clean = True  # False while an epoch is in flight (or was abandoned)
 
     # --- pipelines -----------------------------------------------------------------------------
-    def _build_records(self):
+    def _build(self):
         fn, types = self.fn, self.types
         cuda = self.device_id is not None
         o = self.opts
 
+        # no random op in the graph: every draw is the plan's, so the seed is a constant
         @self.pipeline_def(batch_size=self.batch_size, num_threads=o["threads"],
                            device_id=self.device_id, prefetch_queue_depth=o["prefetch"],
-                           seed=_seed(self.seed, self.rank, "dali"), exec_dynamic=True)
+                           seed=0, exec_dynamic=True)
         def pipe():
             jpegs, anchors, shapes, flips, sizes, labels = fn.external_source(
                 source=self._feed, num_outputs=6, batch=True, cycle="raise", no_copy=True,
@@ -139,38 +129,13 @@ class DaliEngine:
         p.build()
         return p
 
-    def _build_files(self):
-        """Training with DALI's own random-resized crop over the stored records."""
-        fn, types = self.fn, self.types
-        cuda = self.device_id is not None
-        o = self.opts
-
-        @self.pipeline_def(batch_size=self.batch_size, num_threads=o["threads"],
-                           device_id=self.device_id, prefetch_queue_depth=o["prefetch"],
-                           seed=_seed(self.seed, self.rank, "dali"), exec_dynamic=True)
-        def pipe():
-            jpegs, sizes, labels = fn.external_source(
-                source=self._feed, num_outputs=3, batch=True, cycle="raise", no_copy=True,
-                dtype=[types.UINT8, types.FLOAT, types.INT64])
-            extra = dict(hw_decoder_load=o["hw_decoder_load"]) if cuda else {}
-            images = fn.decoders.image_random_crop(
-                jpegs, device="mixed" if cuda else "cpu", output_type=types.RGB,
-                random_area=list(self.scale), random_aspect_ratio=list(self.ratio),
-                num_attempts=10, adjust_orientation=False, **extra)
-            images = fn.resize(images, resize_x=sizes, resize_y=sizes, antialias=True)
-            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
-            return images, labels.gpu() if cuda else labels
-        p = pipe()
-        p.build()
-        return p
-
     def _pipeline(self):
         if not self._clean:
             # an epoch was abandoned mid-way: its prefetched batches are still queued inside
             # DALI, so start over with a fresh pipeline rather than serve stale batches
             self._pipe = None
         if self._pipe is None:
-            self._pipe = self._build_files() if self._own_crops else self._build_records()
+            self._pipe = self._build()
         return self._pipe
 
     # --- batches -------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ project's own augment, normalize and mix stages run after it (not FFCV's ``Norma
 whose GPU path needs cupy).
 
 FFCV keeps its own order (``OrderOption.RANDOM``, or ``QUASI_RANDOM`` on one process),
-sharding (``distributed=True`` under DDP) and crops; the Loader's plan supplies the epoch, the
-image size (progressive resizing sets the decoder's output size between epochs) and how many
+sharding (``distributed=True`` under DDP) and crops (``capabilities()``: it does not follow the
+plan); the Loader's plan supplies the epoch, the image size (progressive resizing sets the decoder's output size between epochs) and how many
 batches to skip when resuming. FFCV shards with torch's ``DistributedSampler(drop_last=False)``,
 which pads the epoch with repeats of its first samples up to a multiple of the world size (rank
 r gets samples r, r + world, …): in evaluation those repeats are cut, so every sample is counted
@@ -21,27 +21,12 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..errors import DataError, OptionError, UserError
+from tricks.errors import DataError, OptionError
+
+from ..beton import import_ffcv
 from ..records import RecordFile
-from ..sampling import BatchTask, EpochPlan
-from .base import register_engine
-
-INSTALL_HINT = ("the FFCV engine needs FFCV: apt-get install pkg-config libopencv-dev "
-                "libturbojpeg0-dev build-essential, then pip install 'tricks[ffcv]'")
-
-
-def import_ffcv():
-    """Import FFCV's loader pieces, keeping torch's thread count as it was."""
-    threads = torch.get_num_threads()
-    try:
-        from ffcv import fields, loader, transforms
-        from ffcv.fields import decoders
-    except ImportError:
-        raise UserError(INSTALL_HINT) from None
-    finally:
-        torch.set_num_threads(threads)
-    return fields, decoders, loader, transforms
-
+from ..sampling import BatchTask
+from .base import Capabilities, EngineSpec, register_engine
 
 def beton_path(records: RecordFile):
     return records.path.with_suffix(".beton")
@@ -49,15 +34,23 @@ def beton_path(records: RecordFile):
 
 @register_engine("ffcv")
 class FfcvEngine:
-    def __init__(self, records: RecordFile, device: torch.device | str, decode: str,
-                 workers: int, prefetch: int, plan: EpochPlan, *, order: str = "random",
-                 os_cache: bool = True):
-        _, decoders, loader, transforms = import_ffcv()
-        if decode != "auto":
-            raise OptionError(f"the FFCV engine decodes inside FFCV; decode={decode!r} does not "
-                              "apply (leave it auto)")
+    """Options: ``order`` (``random`` or ``quasi_random``: FFCV's own traversal orders) and
+    ``os_cache`` (FFCV's: read through the page cache rather than its own)."""
+
+    @classmethod
+    def capabilities(cls, device: torch.device, order: str = "random", os_cache: bool = True,
+                     **options) -> Capabilities:
+        if options:
+            raise OptionError(f"the FFCV engine has no option(s) {', '.join(options)}")
         if order not in ("random", "quasi_random"):
             raise OptionError(f"FFCV order must be random or quasi_random, got {order!r}")
+        return Capabilities(follows_plan=False, reason="FFCV draws its own order and crops "
+                            "(only its order is seeded)")
+
+    def __init__(self, records: RecordFile, spec: EngineSpec, *, order: str = "random",
+                 os_cache: bool = True):
+        _, decoders, loader, transforms = import_ffcv()
+        plan, workers, prefetch = spec.plan, spec.workers, spec.prefetch
         distributed = plan.world_size > 1
         if order == "quasi_random" and distributed:
             raise OptionError("FFCV refuses quasi_random order with distributed=True; use random")
@@ -65,7 +58,7 @@ class FfcvEngine:
         if not path.is_file():
             raise DataError(f"{path} is missing: make it with `tricks convert SRC DST "
                             "--format beton`")
-        self.device = torch.device(device)
+        self.device = torch.device(spec.device)
         self.train = plan.train
         # evaluation: this rank's real samples under DistributedSampler's strided assignment
         # (the rest of its share is padding, repeated samples)

@@ -32,12 +32,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from ..errors import DataError, OptionError
+from tricks.errors import DataError, OptionError
 from ..records import RecordFile
 from ..buffers import HostBuffers
 from ..sampling import BatchTask
 from ..transfer import to_device
-from .base import register_engine
+from .base import Capabilities, EngineSpec, register_engine
 
 try:  # the C extension: built by `pip install` where libjpeg-turbo's headers exist
     from .. import _jpeg
@@ -239,67 +239,76 @@ def _say_pillow_once() -> None:
                       stacklevel=3)
 
 
+def _resolve(device: torch.device, decode: str, cpu_decoder: str) -> tuple[str, str | None]:
+    """The decode path and CPU decoder the options mean on ``device`` (``OptionError`` for
+    values the engine does not take)."""
+    if decode not in ("auto", "workers", "device"):
+        raise OptionError(f"unknown decode mode {decode!r}; choose auto, workers or device")
+    if cpu_decoder not in CPU_DECODERS:
+        raise OptionError(f"cpu_decoder must be one of {', '.join(CPU_DECODERS)}, "
+                          f"got {cpu_decoder!r}")
+    if cpu_decoder == "libjpeg-turbo" and _jpeg is None:
+        raise OptionError("cpu_decoder=libjpeg-turbo: tricks.pipeline._jpeg is not built "
+                          "(install libjpeg62-turbo-dev and reinstall tricks)")
+    if decode == "auto":
+        decode = "device" if device.type == "cuda" else "workers"
+    if decode == "device":
+        return decode, None
+    if cpu_decoder == "auto":
+        cpu_decoder = "pillow" if _jpeg is None else "libjpeg-turbo"
+    return decode, cpu_decoder
+
+
 @register_engine("native")
 class NativeEngine:
-    """Options (``engine_options``): ``cpu_decoder`` (``auto``: libjpeg-turbo through the C
-    extension where built, else Pillow; or ``libjpeg-turbo``/``pillow`` by name) and
-    ``fast_dct`` (DCT-domain reduction whenever the crop is at least twice the output side,
-    libjpeg's fast integer IDCT and plain chroma upsampling: faster, a few levels
-    less exact; training crops only). ``fallbacks`` counts the images decoded by Pillow."""
+    """Options: ``decode`` (``auto``: ``device`` on CUDA, else ``workers``), ``cpu_decoder``
+    (``auto``: libjpeg-turbo through the C extension where built, else Pillow; or
+    ``libjpeg-turbo``/``pillow`` by name) and ``fast_dct`` (DCT-domain reduction whenever the
+    crop is at least twice the output side, libjpeg's fast integer IDCT and plain chroma
+    upsampling: faster, a few levels less exact; training crops only). ``fallbacks`` counts the
+    images decoded by Pillow."""
 
-    def __init__(self, records: RecordFile, device: torch.device | str = "cpu",
-                 decode: str = "auto", workers: int = 2, prefetch: int = 2, plan=None,
-                 cpu_decoder: str = "auto", fast_dct: bool = False, **options):
+    @classmethod
+    def capabilities(cls, device: torch.device, decode: str = "auto",
+                     cpu_decoder: str = "auto", fast_dct: bool = False, **options
+                     ) -> Capabilities:
+        """Follows the plan on every path; writes normalized float32 from its decode threads
+        only for a CPU target decoded by libjpeg-turbo (a CUDA target gets uint8: 4× fewer
+        bytes to copy, normalized there)."""
         if options:
             raise OptionError(f"the native engine has no option(s) {', '.join(options)}")
-        if cpu_decoder not in CPU_DECODERS:
-            raise OptionError(f"cpu_decoder must be one of {', '.join(CPU_DECODERS)}, "
-                              f"got {cpu_decoder!r}")
-        if cpu_decoder == "libjpeg-turbo" and _jpeg is None:
-            raise OptionError("cpu_decoder=libjpeg-turbo: tricks.pipeline._jpeg is not built "
-                              "(install libjpeg62-turbo-dev and reinstall tricks)")
+        device = torch.device(device)
+        _, decoder = _resolve(device, decode, cpu_decoder)
+        return Capabilities(normalizes=device.type == "cpu" and decoder == "libjpeg-turbo")
+
+    def __init__(self, records: RecordFile, spec: EngineSpec, *, decode: str = "auto",
+                 cpu_decoder: str = "auto", fast_dct: bool = False):
         self.records = records
-        self.device = torch.device(device)
-        if decode == "auto":
-            decode = "device" if self.device.type == "cuda" else "workers"
-        if decode not in ("workers", "device"):
-            raise ValueError(f"unknown decode mode {decode!r}; choose auto, workers or device")
-        self.decode = decode
-        self.prefetch = max(1, prefetch)
-        self.workers = workers
+        self.device = torch.device(spec.device)
+        self.decode, self.cpu_decoder = _resolve(self.device, decode, cpu_decoder)
+        if self.cpu_decoder == "pillow" and cpu_decoder == "auto":
+            _say_pillow_once()
+        self.prefetch = max(1, spec.prefetch)
+        self.workers = spec.workers
         self.fast_dct = bool(fast_dct)
         self.fallbacks = 0  # images decoded by Pillow on the CPU path
         self.fallback_reasons: list[str] = []  # the first few, for a report
         self._labels = torch.from_numpy(records.labels)
         self._sampler = _TaskSampler()
         self._loader = None
-        self.cpu_decoder = None
-        self._normalize: tuple[float, ...] | None = None  # see fold_normalize
+        # x_u8 · scale + shift per channel, written by the decode threads (EngineSpec.normalize)
+        self._normalize = spec.normalize if self.cpu_decoder == "libjpeg-turbo" else None
+        if spec.normalize is not None and self._normalize is None:
+            raise OptionError("the native engine normalizes only on the libjpeg-turbo CPU path")
         # the batches in the queue, the one being made, the consumer's, and two to spare
         self._buffers = HostBuffers(self.prefetch + 4)
-        if decode == "workers":
-            if cpu_decoder == "auto":
-                cpu_decoder = "pillow" if _jpeg is None else "libjpeg-turbo"
-                if _jpeg is None:
-                    _say_pillow_once()
-            self.cpu_decoder = cpu_decoder
         if self.cpu_decoder == "pillow":
+            workers = self.workers
             cuda = self.device.type == "cuda"
             self._loader = DataLoader(
                 _BatchDataset(records), batch_size=None, sampler=self._sampler,
                 num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
                 prefetch_factor=self.prefetch if workers > 0 else None)
-
-    def fold_normalize(self, constants: tuple[float, ...]) -> bool:
-        """Take over the normalize stage (6 floats: x_u8 · scale + shift per channel, from
-        ``Stages.engine_normalize``): batches then come as normalized float32 N×3×S×S
-        (channels-last), written by the decode threads. Only for a CPU target decoded by
-        libjpeg-turbo (a CUDA target gets uint8, 4× fewer bytes to copy, normalized there).
-        Returns whether it did."""
-        if self.device.type != "cpu" or self.cpu_decoder != "libjpeg-turbo":
-            return False
-        self._normalize = tuple(float(v) for v in constants)
-        return True
 
     def batches(self, tasks: Iterable[BatchTask]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.cpu_decoder == "pillow":
@@ -318,7 +327,7 @@ class NativeEngine:
 
     def _turbo_batch(self, task: BatchTask) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch, HWC on the host: uint8 (pinned for a CUDA target), or normalized
-        float32 after ``fold_normalize``; and its labels."""
+        float32 (``EngineSpec.normalize``); and its labels."""
         n, size = len(task.indices), task.size
         norm = self._normalize
         dtype = torch.uint8 if norm is None else torch.float32

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from tricks.pipeline.errors import UserError
+from tricks.errors import UserError
 
-from .config import load_config
-from .data import resolve_dataset
+from tricks.train.config import load_config, preset_path
+from tricks.train.data import resolve_dataset
+
+from .results import default_results_dir
 
 # two-sided 97.5% quantiles of Student's t, by degrees of freedom (1..30)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -123,7 +125,7 @@ def verdict(ci: tuple[float, float, float] | None) -> str:
 
 
 def run_one(base_overrides: list[str], row: Row, seed: int, out: Path, files: list) -> dict:
-    from .trainer import Trainer
+    from tricks.train.trainer import Trainer
     cfg = load_config(files, [*base_overrides, *row.overrides, f"train.seed={seed}",
                               f"train.out={out}", f"train.name={_slug(row.name)}-s{seed}"])
     start = time.perf_counter()
@@ -223,17 +225,16 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, files_resolver=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    files = [files_resolver(c) for c in (args.config or ["demo"])] if files_resolver else []
+    files = [preset_path(c) for c in (args.config or ["demo"])]
     base = load_config(files, args.overrides)
     device = "cuda" if base.train.device == "auto" and torch.cuda.is_available() else \
         base.train.device
     args.half = "fp16" if str(device).startswith("cuda") else "bf16"
     root = resolve_dataset(base.data.path, base.data.max_side, base.data.quality)
-    from .rundir import device_name
+    from tricks.train.rundir import device_name
     dev_name = device_name(torch.device("cuda" if str(device).startswith("cuda") else "cpu"))
-    from tricks.benchmarks.results import default_results_dir
     out = Path(args.out) if args.out else (
         default_results_dir() / "ablations" / root.name / _slug(dev_name))
     runs = out / "runs"

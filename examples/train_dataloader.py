@@ -1,0 +1,141 @@
+"""Image-classifier training the way torchvision's reference scripts do it
+(references/classification/train.py, cut to its core): ImageFolder + DataLoader, a ResNet, SGD
+with Nesterov momentum and cosine decay, mixed precision, DDP when started by torchrun.
+
+    python examples/train_dataloader.py --data /data/imagenet --epochs 90
+    torchrun --nproc_per_node 8 examples/train_dataloader.py --data /data/imagenet
+
+examples/train_loader.py is this script ported to tricks' Loader: `diff` the two.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torchvision import datasets
+from torchvision import transforms as T
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="a folder with train/ and val/ class folders")
+    p.add_argument("--arch", default="resnet18", help="a torchvision model name")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--lr", type=float, default=0.1, help="for a batch of 256 images in all")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write each epoch's metrics here (JSON lines)")
+    return p.parse_args(argv)
+
+
+def setup_distributed():
+    """(device, rank, world size); DDP when torchrun set RANK."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return torch.device("cuda" if cuda else "cpu"), 0, 1
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def make_loaders(args, device, distributed):
+    size = args.image_size
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(MEAN, STD)])
+    val_tf = T.Compose([T.Resize(int(size / 0.875)), T.CenterCrop(size), T.ToTensor(),
+                        T.Normalize(MEAN, STD)])
+    train_set = datasets.ImageFolder(os.path.join(args.data, "train"), train_tf)
+    val_set = datasets.ImageFolder(os.path.join(args.data, "val"), val_tf)
+    train_sampler = DistributedSampler(train_set, seed=args.seed) if distributed \
+        else RandomSampler(train_set)
+    val_sampler = DistributedSampler(val_set, shuffle=False) if distributed \
+        else SequentialSampler(val_set)
+    train = DataLoader(train_set, args.batch_size, sampler=train_sampler, drop_last=True,
+                       num_workers=args.workers, pin_memory=device.type == "cuda")
+    val = DataLoader(val_set, args.batch_size, sampler=val_sampler,
+                     num_workers=args.workers, pin_memory=device.type == "cuda")
+    return train, val, len(train_set.classes)
+
+
+def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, device, dtype):
+    model.train()
+    total, seen = torch.zeros((), device=device), 0
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype):
+            loss = criterion(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.detach() * len(targets)
+        seen += len(targets)
+    return total, seen
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, dtype):
+    """Top-1 over every rank's images (summed by all-reduce)."""
+    model.eval()
+    sums = torch.zeros(2, device=device)  # correct, count
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype):
+            logits = model(images)
+        sums += torch.stack([(logits.argmax(1) == targets).sum(), sums.new_tensor(len(targets))])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device, rank, world = setup_distributed()
+    torch.manual_seed(args.seed)
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    train, val, num_classes = make_loaders(args, device, world > 1)
+    model = torchvision.models.get_model(args.arch, num_classes=num_classes).to(device)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
+                                                    if device.type == "cuda" else None)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    lr = args.lr * args.batch_size * world / 256
+    optimizer = torch.optim.SGD(model.parameters(), lr, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * len(train))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    for epoch in range(args.epochs):
+        if world > 1:
+            train.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        total, seen = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train,
+                                      device, dtype)
+        top1 = evaluate(model, val, device, dtype)
+        record = {"epoch": epoch + 1, "train_loss": total.item() / seen, "val_top1": top1,
+                  "images_per_s": seen * world / (time.perf_counter() - t0)}
+        if rank == 0:
+            print(json.dumps(record), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
