@@ -60,6 +60,10 @@ def _rate(v):  # CPU rates are small: keep a decimal there
     return _fmt(v, ",.1f" if v is not None and v < 100 else ",.0f")
 
 
+def _times(v):
+    return "—" if v is None else f"{v:.2f}×"
+
+
 def _gib(mb):  # peak memory is only known on CUDA
     return "—" if mb is None else f"{mb / 1024:.1f}"
 
@@ -67,18 +71,24 @@ def _gib(mb):  # peak memory is only known on CUDA
 def write_markdown(json_path: Path, summary: dict, title: str = "", notes: str = "") -> Path:
     lines = [f"{title}", ""] if title else []
     lines += [notes, ""] if notes else []
-    lines += ["| Model | Input | Baseline img/s (batch, FP32) | Efficient img/s (batch, precision) "
-             "| Efficient / baseline | min/epoch baseline | min/epoch efficient "
-             "| peak GiB baseline / efficient | other modes img/s (÷ baseline) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| Model | Input | Baseline img/s (batch, FP32) | Strict FP32 img/s (no TF32) "
+              "| Efficient img/s (batch, precision) | Efficient / baseline "
+              "| Efficient / strict FP32 | min/epoch baseline | min/epoch efficient "
+              "| peak GiB baseline / efficient | other modes img/s (÷ baseline) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
+        strict = r["extra"].get("baseline-strict")
         extra = ", ".join(f"{k}: {_rate(v)}" + (f" ({v / r['baseline']:.2f}×)" if r["baseline"]
                                                 else "")
-                          for k, v in r["extra"].items())
+                          for k, v in r["extra"].items() if k != "baseline-strict")
+        vs_strict = r["efficient"] / strict if strict and r["efficient"] else None
+        base = _rate(r["baseline"]) + (f" ({r['baseline_batch']})" if r["baseline"] else "")
+        eff = _rate(r["efficient"]) + (f" ({r['efficient_batch']}, {r['efficient_precision']})"
+                                       if r["efficient"] else "")
         lines.append(
-            f"| {r['model']} | {r['input']} | {_rate(r['baseline'])} ({r['baseline_batch']}) | "
-            f"{_rate(r['efficient'])} ({r['efficient_batch']}, {r['efficient_precision']}) | "
-            f"{_fmt(r['ratio'], '.2f')}× | {_fmt(r['baseline_epoch_min'], '.1f')} | "
+            f"| {r['model']} | {r['input']} | {base} | {_rate(strict)} | {eff} | "
+            f"{_times(r['ratio'])} | {_times(vs_strict)} | "
+            f"{_fmt(r['baseline_epoch_min'], '.1f')} | "
             f"{_fmt(r['efficient_epoch_min'], '.1f')} | {_gib(r['baseline_peak_mb'])} / "
             f"{_gib(r['efficient_peak_mb'])} | {extra} |")
     if summary["loader"]:
@@ -127,9 +137,9 @@ def render(json_path: str | Path) -> tuple[dict, Path, Path]:
     st = doc["settings"]
     title = f"Training throughput on {doc['device']}, torch {doc['versions']['torch']}"
     cuda = any(e["settings"]["tf32"] is not None for e in doc["results"])
-    fp32 = ("strict FP32 (TF32 off)" if st["strict_fp32"] else
-            "FP32 with torch's defaults (cuDNN may use TF32 for convolutions; --strict-fp32 "
-            "turns it off)" if cuda else "FP32")
+    fp32 = ("strict FP32 (TF32 off)" if st.get("strict_fp32") else  # files before baseline-strict
+            "FP32 with torch's defaults (cuDNN may use TF32 for convolutions; the strict FP32 "
+            "column turns TF32 off in cuDNN and cuBLAS)" if cuda else "FP32")
     notes = (f"Median images/s of {st['windows']} windows of {st['steps_per_window']} steps after "
              f"{st['warmup_steps']} warm-up steps; cuDNN autotuning on. Baseline: "
              f"{fp32}, NCHW, SGD. Efficient: channels-last, fused SGD, "

@@ -3,6 +3,7 @@ setting, the raw timing windows and their median."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import sys
@@ -64,6 +65,8 @@ def entry(name: str, settings: dict, windows: list[float], unit: str = "images/s
 
 def write_results(benchmark: str, device: torch.device, settings: dict, entries: list[dict],
                   out_dir: str | Path | None = None) -> Path:
+    """``<out>/<benchmark>.json`` with the device, versions, commit, ``settings`` and
+    ``entries``, replaced atomically (a benchmark may call it after every configuration)."""
     env = environment(device)
     doc = {"benchmark": benchmark, "time": env["time"], "commit": env["commit"],
            "device": env["device"], "host": env["host"],
@@ -73,7 +76,9 @@ def write_results(benchmark: str, device: torch.device, settings: dict, entries:
     out = Path(out_dir) if out_dir else default_results_dir() / device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{benchmark}.json"
-    path.write_text(json.dumps(doc, indent=1))
+    tmp = path.with_name(f".{path.name}.tmp")  # replaced whole: a reader never sees half a file
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
     return path
 
 

@@ -20,6 +20,8 @@ import torch
 
 from tricks.errors import OptionError
 
+from .transfer import to_device
+
 
 PAD_MODES = ("constant", "edge", "reflect", "symmetric")
 
@@ -69,8 +71,7 @@ def translate(images: torch.Tensor, shifts: torch.Tensor, fill: int | float = 0,
     if mode not in PAD_MODES:
         raise ValueError(f"unknown padding mode {mode!r}; choose one of {', '.join(PAD_MODES)}")
     dev = images.device
-    s = shifts.to(torch.int64)
-    s = s.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else s.to(dev)
+    s, = to_device([shifts.to(torch.int64)], dev)  # one non-blocking copy from pinned memory
     rows = torch.arange(h, device=dev)[None] + s[:, 1:2]  # N×H source rows
     cols = torch.arange(w, device=dev)[None] + s[:, 0:1]  # N×W source columns
     batch = torch.arange(n, device=dev)[:, None, None]
@@ -78,7 +79,9 @@ def translate(images: torch.Tensor, shifts: torch.Tensor, fill: int | float = 0,
     out = images[batch, :, _source(rows, h, mode)[:, :, None], _source(cols, w, mode)[:, None, :]]
     if mode == "constant":
         inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-        out = torch.where(inside[..., None], out, torch.tensor(fill, dtype=out.dtype, device=dev))
+        # the fill as a scalar kernel argument: a ``torch.tensor(fill, device=…)`` would be a
+        # blocking host → device copy every batch
+        out = out.masked_fill(~inside[..., None], fill)
     return out.permute(0, 3, 1, 2)
 
 

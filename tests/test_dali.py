@@ -147,7 +147,8 @@ def test_mixed_decode_on_the_gpu(coloured):
 
 def test_gpu_outputs_are_bound_to_torchs_current_stream(coloured, monkeypatch):
     """Every ``run`` of a CUDA pipeline names torch's current stream (DALI then orders its
-    outputs, and their release, on it); a CPU pipeline's runs name none."""
+    outputs on it: the step waits for them, the host does not); a CPU pipeline's runs name
+    none."""
     root, _ = coloured
     loader = Loader(root, "train", 8, image_size=24, engine=Engine("dali", workers=2))
     engine = loader.engine
@@ -244,3 +245,48 @@ def test_sharded_evaluation_counts_every_image_once(tmp_path):
                                 batch=2):
             ids += ids_of(images)
     assert sorted(ids) == [0, 1, 2, 3, 4]
+
+
+# --- copies (issue 23): zero-copy JPEG views in, DALI's own buffers out ----------------------------
+
+def test_the_feed_hands_dali_views_of_the_record_map_not_copies(coloured):
+    """The external source's JPEGs are views of the memory map (fed with ``no_copy``): no copy
+    of a batch's bytes in the training thread, where DALI calls the feed."""
+    import numpy as np
+    root, _ = coloured
+    loader = Loader(root, "train", 8, image_size=24, engine=Engine("dali", workers=2))
+    feed, records = loader.engine._feed, loader.engine.records
+    feed.tasks = list(loader.plan.tasks(0, loader._heights, loader._widths, 24))[:1]
+    jpegs = next(iter(feed))[0]
+    assert len(jpegs) == 8
+    assert all(np.shares_memory(j, records.raw(0).base) for j in jpegs)
+    loader.close()
+
+
+def test_batches_are_dalis_buffers_and_outlive_later_runs(coloured):
+    """``_to_torch`` wraps DALI's output buffers (DLPack) instead of copying them, and under the
+    dynamic executor they stay valid while DALI runs on: every batch of two epochs, all kept
+    to the end, still holds its own samples."""
+    root, label_of = coloured
+    loader = Loader(root, "train", 8, image_size=24,
+                    engine=Engine("dali", workers=2, prefetch=2))
+    engine = loader.engine
+    tasks = list(loader.plan.tasks(0, loader._heights, loader._widths, 24))
+    engine._feed.tasks = tasks
+    pipe = engine._pipeline()
+    images, labels = engine._run(pipe)
+    x, y = engine._to_torch(images, labels)
+    assert x.data_ptr() == images.as_tensor().data_ptr()  # no copy
+    kept = [(x, y)]
+    for _ in tasks[1:]:
+        kept.append(engine._to_torch(*engine._run(pipe)))
+    with pytest.raises(StopIteration):
+        engine._run(pipe)
+    pipe.reset()
+    engine._feed.tasks = list(loader.plan.tasks(1, loader._heights, loader._widths, 24))
+    for _ in engine._feed.tasks:
+        kept.append(engine._to_torch(*engine._run(pipe)))
+    pairs = [(i, int(t)) for x, y in kept for i, t in zip(ids_of(x), y)]
+    assert len(pairs) == 64 and all(label_of[i] == t for i, t in pairs)
+    assert len({i for i, _ in pairs[:32]}) == 32
+    loader.close()

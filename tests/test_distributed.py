@@ -45,6 +45,11 @@ def test_two_gloo_ranks_equal_one_process_accumulating_two_micro_batches(shapes_
     for k in params:
         assert torch.equal(r0[k], r1[k]), k               # DDP keeps ranks identical
         assert torch.allclose(r0[k], one[k], atol=2e-5, rtol=1e-4), k
+    # BN statistics follow each rank's shard (no broadcast every forward); evaluation averages
+    # them over the ranks first, so both ranks evaluated, and rank 0 saved, the same model
+    stats = [k for k in r0 if "running" in k]
+    assert len(stats) > 10
+    assert all(torch.allclose(r0[k], r1[k], rtol=0, atol=1e-6) for k in stats)
     # only rank 0 wrote a run directory, with one metrics line per epoch
     runs = list((tmp_path / "ddp-runs").iterdir())
     assert len(runs) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,4 +221,93 @@ def test_full_step_does_not_sync_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
     with SyncCounter() as s:  # the same step, now with real pinned buffers
         step(3)
+    assert s.events == []
+
+
+# --- the loader's and the trainer's other device paths ------------------------------------------
+
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_translate_does_not_sync(mode):
+    """Pad-and-crop (the cifar preset's crop): its shifts in one pinned copy, its fill a
+    scalar (a ``torch.tensor(fill, device=…)`` was a blocking copy every batch)."""
+    from tricks.pipeline.translate import draw_shifts, translate
+    images, _ = _batch(META)
+    shifts = draw_shifts(N, 4, keyed_generator(0, 7))
+    s = _count(translate, images, shifts, 128, mode)
+    assert s.events == []
+    assert s.copies == 1
+
+
+def test_evaluate_does_not_sync_per_batch(monkeypatch):
+    """``evaluate`` reads its sums back once, at the end (here the all-reduce hands back host
+    values, since meta tensors have none): no blocking copy per batch."""
+    import tricks.train.trainer as trainer_mod
+
+    class Loader:
+        device = META
+
+        def set_epoch(self, epoch):
+            pass
+
+        def __iter__(self):
+            images, labels = _batch(META)
+            return iter([(images.float(), labels)] * 3)
+
+    monkeypatch.setattr(trainer_mod.distributed, "all_reduce_sum",
+                        lambda sums: torch.tensor([1.0, 1.0, 1.0, 3.0 * N]))
+    model = create_model("resnet18", num_classes=K, cifar_stem=True, width=8).to(META)
+    with SyncCounter() as s:
+        result = trainer_mod.evaluate(model, Loader(), SoftTargetCrossEntropy(K), nullcontext())
+    assert s.events == []
+    assert result["val_images"] == 3 * N
+
+
+def test_stop_check_without_ddp_does_not_touch_the_device():
+    """The stop-signal check every log window: one process has nothing to agree on with other
+    ranks, so no tensor is made (it was a blocking copy per window)."""
+    from tricks.train.distributed import Dist
+    from tricks.train.trainer import Trainer
+    trainer = Trainer.__new__(Trainer)
+    trainer.device, trainer.dist = META, Dist()
+    for signum, want in ((None, False), (15, True)):
+        trainer._signal = signum
+        with SyncCounter() as s:
+            assert trainer._stop_requested() is want
+        assert s.events == [] and s.copies == 0
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 2_000])
+def test_device_crop_does_not_sync(budget):
+    """The native engine's device decode path after the decode: the batch's sizes, boxes, flips
+    and group order in one pinned copy (they were 4–5 blocking copies per group); ``budget``
+    2,000 cuts the batch into several size groups."""
+    from tricks.pipeline.engines.native import crop_resize_flip, size_groups
+    shapes = [(40 + 7 * i, 60 - 3 * i) for i in range(N)]
+    images = [torch.zeros(3, h, w, dtype=torch.uint8, device=META) for h, w in shapes]
+    boxes = torch.tensor([[2.0, 3.0, w - 1.0, h - 2.0] for h, w in shapes])
+    flips = torch.arange(N) % 2 == 0
+    s = _count(crop_resize_flip, images, boxes, flips, 16, budget, warm=0)
+    assert len(size_groups(shapes, budget)) == (1 if budget > 2_000 else N)
+    assert s.events == []
+    assert s.copies == 1
+
+
+def test_device_batch_does_not_sync(monkeypatch, shapes_records):
+    """The whole ``_device_batch`` (nvJPEG decode stood in by meta tensors of the images' sizes):
+    crops and labels reach the device without a blocking copy."""
+    import tricks.pipeline.engines.native as native
+    from tricks.pipeline.records import RecordFile
+    from tricks.pipeline.sampling import BatchTask
+    records = RecordFile(shapes_records / "train.rec")
+    monkeypatch.setattr(native, "decode_jpeg", lambda datas, mode, device: [
+        torch.zeros(3, 64, 64, dtype=torch.uint8, device=device) for _ in datas])
+    from tricks.pipeline.engines.base import EngineSpec
+    engine = native.NativeEngine(records, EngineSpec(device=META, workers=1, batch_size=N),
+                                 decode="device")
+    idx = np.arange(N)
+    task = BatchTask(epoch=0, batch=0, indices=idx, boxes=np.tile([[4.0, 4.0, 60.0, 60.0]], (N, 1)),
+                     flips=idx % 2 == 0, size=16)
+    with SyncCounter() as s:
+        images, labels = engine._device_batch(task)
+    assert images.shape == (N, 3, 16, 16) and labels.shape == (N,)
     assert s.events == []

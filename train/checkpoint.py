@@ -15,6 +15,8 @@ FORMAT_VERSION = 1
 
 
 def rng_state() -> dict:
+    """The host generators' states and, with CUDA, every visible device's (a list, device 0
+    first: ``torch.cuda.get_rng_state_all``)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -23,11 +25,18 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore ``rng_state()``. CUDA states are restored for the devices that exist here: a
+    checkpoint from a host with more GPUs restores devices 0..n−1 and drops the rest (torch's
+    ``set_rng_state_all`` would index a device that is not there: IndexError at CUDA's lazy
+    init), one from a host with fewer leaves the others as seeded. Only the device a rank trains
+    on draws anything (rank r uses device r, and its state was saved by rank 0's process, so
+    this is exact for one process and as before for DDP)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

@@ -257,6 +257,10 @@ _CHOICES = {
 }
 
 
+# torch.compile modes that replay CUDA graphs (torch._inductor.list_mode_options)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def _check_model_names(cfg: Config) -> None:
     """Names the zoo does not know are errors now, not after the dataset has been built."""
     from tricks.models import list_models
@@ -303,6 +307,15 @@ def validate(cfg: Config) -> None:
     if t.accumulate < 1 or t.batch % t.accumulate:
         raise ConfigError(f"train.accumulate={t.accumulate} must be ≥ 1 and divide "
                           f"train.batch={t.batch}")
+    if t.compile and t.compile_mode in CUDA_GRAPH_MODES and t.accumulate > 1:
+        # CUDA graphs (cudagraph trees) hand a backward replay's output to .grad, and the next
+        # micro-batch's replay overwrites it: an error (pytorch/pytorch#169545, open, reproduced
+        # on 2.13 nightlies) or silently wrong gradients (#96693: 1/k of the accumulated
+        # gradient); torch 2.11 has no fix, so the combination is refused
+        raise ConfigError(f"train.compile_mode={t.compile_mode} replays CUDA graphs, which give "
+                          f"wrong gradients with train.accumulate={t.accumulate} in torch "
+                          "(pytorch/pytorch#169545); use compile_mode=default or "
+                          "max-autotune-no-cudagraphs, or train.accumulate=1")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if cfg.teacher.temperature <= 0:

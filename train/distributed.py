@@ -43,6 +43,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average ``module``'s floating-point buffers (BatchNorm running mean and variance) over
+    the ranks, in place, with one all-reduce; integer buffers (BN's batch counts, equal on every
+    rank) are left as they are. Nothing to do in one process. As timm's ``distribute_bn``
+    (``reduce``) before evaluation."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    with torch.no_grad():
+        for b, v in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(v.view_as(b))
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

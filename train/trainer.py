@@ -22,6 +22,7 @@ from tricks.pipeline import atomic
 
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .compiler import require_compiler
 from .config import Config, dump_config
 from .data import make_loaders, resolve_dataset
 from .distill import DistillationLoss
@@ -123,13 +124,14 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> li
 def train_step(model, images, targets, criterion, optimizer, scaler, autocast, accumulate=1,
                teacher=None):
     """One optimizer step over ``accumulate`` micro-batches of the batch; gradients are
-    all-reduced by DDP on the last micro-batch only. Returns the mean loss and the logits.
+    all-reduced by DDP on the last micro-batch only. Returns the mean loss (a 0-dim device
+    tensor) and the logits (N×K, detached).
 
-    Under ``torch.compile(mode="reduce-overhead")`` each micro-batch replays a CUDA graph whose
-    outputs live in memory the next replay overwrites (pytorch/pytorch#148439): with
-    ``accumulate > 1`` each micro-batch starts a new CUDA-graph step
-    (``torch.compiler.cudagraph_mark_step_begin``) and its logits are cloned before the next
-    one runs. Without CUDA graphs both are no-ops but for one N×K copy."""
+    Under CUDA graphs (``torch.compile`` with ``reduce-overhead`` or ``max-autotune``) only
+    ``accumulate=1`` is correct: a later micro-batch's replay overwrites the gradients the
+    earlier one left in graph-owned memory (pytorch/pytorch#169545, #96693), so the config
+    refuses the combination (``train/config.py``). With one micro-batch the logits returned are
+    graph outputs, valid until the model's next call."""
     optimizer.zero_grad(set_to_none=True)
     total, all_logits = 0.0, []
     chunks = list(zip(images.tensor_split(accumulate), targets.tensor_split(accumulate)))
@@ -137,8 +139,6 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
         last = i == len(chunks) - 1
         sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
         with sync:
-            if accumulate > 1:
-                torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 logits = model(x)
                 if teacher is not None:
@@ -149,7 +149,7 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
                     loss = criterion(logits, t)
             scaler.scale(loss / accumulate).backward()
         total = total + loss.detach() / accumulate
-        all_logits.append(logits.detach().clone() if accumulate > 1 else logits.detach())
+        all_logits.append(logits.detach())
     scaler.step(optimizer)
     scaler.update()
     return total, all_logits[0] if accumulate == 1 else torch.cat(all_logits)
@@ -158,7 +158,12 @@ def train_step(model, images, targets, criterion, optimizer, scaler, autocast, a
 @torch.no_grad()
 def evaluate(model, loader, criterion, autocast, progress: bool = False, prefix: str = "val"
              ) -> dict:
-    """Top-1/top-5 and loss over this rank's shard, summed over ranks (shards are disjoint)."""
+    """Top-1/top-5 and loss over this rank's shard, summed over ranks (shards are disjoint).
+
+    Under DDP (every rank calls it) the model's BatchNorm running statistics are first averaged
+    over the ranks, in place (the trainer's DDP does not broadcast buffers, so each rank's
+    follow its own shard): every rank then evaluates, and rank 0 checkpoints, the same model."""
+    distributed.average_buffers(model)
     model.eval()
     device = loader.device
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1, top-5, count
@@ -168,8 +173,9 @@ def evaluate(model, loader, criterion, autocast, progress: bool = False, prefix:
             logits = model(images)
             loss = criterion(logits, labels)
         a1, a5 = accuracy_counts(logits, labels)
+        # the count by a fill kernel: ``torch.tensor(n, device=…)`` is a blocking copy a batch
         sums += torch.stack([loss.double() * len(labels), a1.double(), a5.double(),
-                             torch.tensor(float(len(labels)), device=device)])
+                             torch.full((), len(labels), device=device, dtype=torch.float64)])
     loss, c1, c5, n = distributed.all_reduce_sum(sums).tolist()
     return {f"{prefix}_loss": loss / n, f"{prefix}_top1": c1 / n, f"{prefix}_top5": c5 / n,
             f"{prefix}_images": int(n)}
@@ -249,10 +255,19 @@ class Trainer:
         self.model = model
         self.net = model
         if self.dist.enabled:
+            # broadcast_buffers=False: no broadcast of every BN buffer before each forward; each
+            # rank's running statistics follow its own shard and ``evaluate`` averages them
+            # over the ranks first (timm's distribute_bn, "reduce"). gradient_as_bucket_view:
+            # the gradients are the all-reduce buckets (no copy, one gradient-sized buffer
+            # less). static_graph only without accumulation: with no_sync() it crashes or stops
+            # all-reducing (pytorch/pytorch#187732, huggingface/accelerate#3679).
             self.net = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, gradient_as_bucket_view=True,
+                static_graph=t.accumulate == 1)
         torch.backends.cudnn.benchmark = t.cudnn_benchmark
         if t.compile:
+            require_compiler(self.device.type)  # one line now, not a traceback in step 1
             self.net = torch.compile(self.net, mode=t.compile_mode)
         # our EMA, not AveragedModel: no blocking copy of its update count per step
         self.ema = ExponentialMovingAverage(model, t.ema_decay) if t.ema_decay else None
@@ -407,9 +422,14 @@ class Trainer:
         self._signal = signum
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([float(self._signal is not None)], device=self.device)
-        return bool(distributed.all_reduce_sum(flag).item() > 0) if self.dist.enabled \
-            else self._signal is not None
+        """Whether any rank got a stop signal. One process: the flag itself, no device work.
+        Under DDP every rank must stop at the same step: the flags are summed over the ranks
+        and read back (one host sync per log window; the flag is made by a fill kernel, not
+        copied from the host)."""
+        if not self.dist.enabled:
+            return self._signal is not None
+        flag = torch.full((1,), float(self._signal is not None), device=self.device)
+        return bool(distributed.all_reduce_sum(flag).item() > 0)
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:

@@ -36,6 +36,7 @@ from tricks.errors import DataError, OptionError, RecordError
 from ..records import RecordFile
 from ..buffers import HostBuffers
 from ..sampling import BatchTask
+from ..transfer import to_device
 from .base import Capabilities, EngineSpec, register_engine
 
 try:  # the C extension: built by `pip install` where libjpeg-turbo's headers exist
@@ -133,10 +134,14 @@ class _TaskSampler:
         return len(self.tasks)
 
 
-# Pixels per channel of one padded canvas (its float copy is 4 bytes a pixel per channel): a
-# batch whose canvas would be larger is cut into groups of similar sizes, so one 4,000-pixel
-# photo among 500-pixel ones costs a group of its own, not a batch-wide 4,000² canvas.
-CANVAS_PIXELS = 1 << 26
+# Pixels per channel of one padded canvas: a batch whose canvas would be larger is cut into
+# groups of similar sizes, so one 4,000-pixel photo among 500-pixel ones costs a group of its
+# own, not a batch-wide 4,000² canvas. roi_align needs a float canvas (its box coordinates must
+# share the canvas dtype, and fp16 has too few bits for those of large images), so a group's
+# canvas costs 3 × 4 bytes a pixel, plus the uint8 gather it is made from: 2^24 pixels keep
+# that within 250 MB (2^26 took ~1 GB). Each crop reads only its own image, so the grouping
+# does not change the output (tests/test_loader.py holds one canvas equal to many).
+CANVAS_PIXELS = 1 << 24
 
 
 def size_groups(shapes: list[tuple[int, int]], budget: int = CANVAS_PIXELS) -> list[list[int]]:
@@ -158,33 +163,54 @@ def size_groups(shapes: list[tuple[int, int]], budget: int = CANVAS_PIXELS) -> l
 
 def crop_resize_flip(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
                      size: int, budget: int = CANVAS_PIXELS) -> torch.Tensor:
-    """Batched crop + resize + flip of differently sized CHW uint8 images on their device.
-    Returns uint8 N×3×S×S, channels-last. One ``_crop_group`` per group of similar sizes
-    (usually the whole batch)."""
-    groups = size_groups([(im.shape[1], im.shape[2]) for im in images], budget)
-    if len(groups) == 1:
-        return _crop_group(images, boxes, flips, size)
+    """Batched crop + resize + flip of differently sized images on their device.
+
+    Args:
+        images: N CHW uint8 tensors (3 channels) on one device, any sizes.
+        boxes: N×4 (x0, y0, x1, y1) in source pixels, on the CPU.
+        flips: N bools on the CPU.
+        size: the output side S.
+        budget: canvas pixels per group (``size_groups``).
+    Returns:
+        uint8 N×3×S×S on the images' device, channels-last.
+
+    One ``_crop_group`` per group of similar sizes (usually a few per ImageNet batch). The
+    host-side values (sizes, boxes, flips, the group order) reach the device in one
+    non-blocking copy from pinned memory (``pipeline.transfer.to_device``): a plain ``.to()``
+    of each would make the decode thread wait for the device, batch after batch."""
     device = images[0].device
-    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device,
+    n = len(images)
+    groups = size_groups([(im.shape[1], im.shape[2]) for im in images], budget)
+    order = [i for g in groups for i in g] if len(groups) > 1 else list(range(n))
+    perm = torch.tensor(order)  # host tensors, in group order: each group one slice
+    hs = torch.tensor([images[i].shape[1] for i in order], dtype=torch.int32)
+    ws = torch.tensor([images[i].shape[2] for i in order], dtype=torch.int32)
+    hs_d, ws_d, boxes_d, flips_d, perm_d = to_device(
+        [hs, ws, boxes.float()[perm], flips.bool()[perm], perm], device)
+    if len(groups) == 1:
+        return _crop_group(images, hs_d, ws_d, boxes_d, flips_d, size)
+    out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device,
                       memory_format=torch.channels_last)
+    start = 0
     for g in groups:
-        idx = torch.tensor(g)
-        out[idx.to(device)] = _crop_group([images[i] for i in g], boxes[idx], flips[idx], size)
+        part = slice(start, start + len(g))
+        out[perm_d[part]] = _crop_group([images[i] for i in g], hs_d[part], ws_d[part],
+                                        boxes_d[part], flips_d[part], size)
+        start += len(g)
     return out
 
 
-def _crop_group(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
-                size: int) -> torch.Tensor:
-    """The images are gathered into one canvas whose padding repeats each image's last row and
-    column (so bilinear samples at a crop's far edge never blend in zeros), then one
-    ``roi_align`` (adaptive sampling: an average over the source pixels of each output pixel,
-    i.e. antialiased when shrinking) makes every crop."""
+def _crop_group(images: list[torch.Tensor], hs: torch.Tensor, ws: torch.Tensor,
+                boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """The images (their heights ``hs`` and widths ``ws``: int32, and ``boxes``, ``flips``, all
+    on the images' device) are gathered into one uint8 canvas whose padding repeats each
+    image's last row and column (so bilinear samples at a crop's far edge never blend in
+    zeros), then one ``roi_align`` on its float copy (adaptive sampling: an average over the
+    source pixels of each output pixel, i.e. antialiased when shrinking) makes every crop."""
     device = images[0].device
     n = len(images)
     hmax = max(im.shape[1] for im in images)  # host-side shapes: no device sync
     wmax = max(im.shape[2] for im in images)
-    hs = torch.tensor([im.shape[1] for im in images], dtype=torch.int32).to(device)
-    ws = torch.tensor([im.shape[2] for im in images], dtype=torch.int32).to(device)
     flat = torch.cat([im.reshape(3, -1) for im in images], dim=1)   # 3 × Σ h·w
     starts = torch.cumsum(hs * ws, 0, dtype=torch.int32) - hs * ws
     ar = torch.arange(max(hmax, wmax), device=device, dtype=torch.int32)
@@ -193,10 +219,11 @@ def _crop_group(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Te
     index = starts[:, None, None] + rows[:, :, None] * ws[:, None, None] + cols[:, None, :]
     canvas = flat.index_select(1, index.view(-1)).view(3, n, hmax, wmax).transpose(0, 1)
     # float32, not half: box coordinates of large images need more than fp16's 11 bits
-    rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes.float()], dim=1)
-    out = roi_align(canvas.float(), rois.to(device), (size, size), spatial_scale=1.0,
+    rois = torch.cat([torch.arange(n, dtype=torch.float32, device=device)[:, None], boxes],
+                     dim=1)
+    out = roi_align(canvas.float(), rois, (size, size), spatial_scale=1.0,
                     sampling_ratio=-1, aligned=True)
-    out = torch.where(flips.to(device)[:, None, None, None], out.flip(3), out)
+    out = torch.where(flips[:, None, None, None], out.flip(3), out)
     out = out.round_().clamp_(0, 255).to(torch.uint8)
     return out.contiguous(memory_format=torch.channels_last)
 
@@ -407,7 +434,7 @@ class NativeEngine:
                             f"decoded ({e})") from None
         out = crop_resize_flip(images, torch.from_numpy(task.boxes),
                                torch.from_numpy(task.flips), task.size)
-        labels = self._labels[torch.from_numpy(task.indices)].to(self.device, non_blocking=True)
+        labels, = to_device([self._labels[torch.from_numpy(task.indices)]], self.device)
         return out, labels
 
     def _threaded(self, tasks: Iterable[BatchTask]):
