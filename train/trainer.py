@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tricks.models import create_model, load_torchvision_state_dict
+from tricks.models.torchvision_weights import load_weights
 from tricks.pipeline.errors import UserError
 
 from . import distributed
@@ -59,20 +60,30 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
 
 
-def _load_weights(model: nn.Module, path: str, what: str) -> None:
+def _load_weights(model: nn.Module, path: str, what: str, strict: bool = True,
+                  log=print) -> None:
+    """Load one of our checkpoints (its model) or a torchvision state dict into ``model``;
+    ``strict=False`` leaves out a classifier of another shape, said in one line. Raises
+    ``ConfigError`` (one line) for a missing file or weights that do not fit."""
     if not Path(path).is_file():
         raise ConfigError(f"{what}: file not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "format_version" in state:
-        model.load_state_dict(state["model"])
-        return
+    ours = isinstance(state, dict) and "format_version" in state
     try:
-        load_torchvision_state_dict(model, state)
+        left_out = load_weights(model, state["model"], strict) if ours \
+            else load_torchvision_state_dict(model, state, strict)
     except ValueError as e:
         raise ConfigError(f"{what}={path}: {e}") from None
+    if left_out:
+        saved = (state["model"] if ours else state)[left_out[0]]
+        log(f"{what}={path}: loaded all but the classifier ({', '.join(left_out)}: "
+            f"{saved.shape[0]} outputs in the weights, {model.state_dict()[left_out[0]].shape[0]}"
+            " classes here), which starts from its initialization")
 
 
-def build_model(cfg: Config, num_classes: int) -> nn.Module:
+def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
+    """The configured model for ``num_classes``, with ``model.weights`` loaded (whole, or all
+    but the classifier with ``model.weights_strict=false``)."""
     m = cfg.model
     try:
         model = create_model(m.name, num_classes=num_classes, cifar_stem=m.cifar_stem,
@@ -80,7 +91,7 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     if m.weights:
-        _load_weights(model, m.weights, "model.weights")
+        _load_weights(model, m.weights, "model.weights", m.weights_strict, log)
     return model
 
 
@@ -239,7 +250,7 @@ class Trainer:
         if self.val_loader is None:
             self.log(f"no validation split in {self.data_root} (it has only "
                      f"{cfg.data.train_split!r}): training without evaluation")
-        model = build_model(cfg, self.num_classes)
+        model = build_model(cfg, self.num_classes, self.log)
         if t.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
