@@ -95,6 +95,9 @@ class DaliEngine:
                          hw_decoder_load=hw_decoder_load)
         # the files source crops with DALI only in training; validation is the records path
         self._own_crops = source == "files" and plan.train
+        # what this engine draws itself instead of taking it from the plan (see Loader.set_epoch)
+        self.own_draws = ("DALI's files source draws its own training crops and flips, from one "
+                          "random stream per pipeline" if self._own_crops else None)
         self._feed = _Feed(records, boxes=not self._own_crops)
         self._pipe = None
         self._clean = True  # False while an epoch is in flight (or was abandoned)

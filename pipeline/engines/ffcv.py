@@ -3,9 +3,10 @@ OpenCV's crop-and-resize), giving uint8 channels-last crops on the device; the p
 augment, normalize and mix stages run after it.
 
 It keeps the engine contract: the batches are the Loader's ``BatchTask``s, in their order, with
-their records, crop boxes and flips (``follows_plan``), so same-seed runs, any number of ranks
-and a resumed epoch see the same data as with the other engines. FFCV 1.0.2 draws its own order
-and crops; here only its reading, decoding and compiled-pipeline machinery is used:
+their records, crop boxes and flips (it draws nothing itself: ``own_draws`` is None), so
+same-seed runs, any number of ranks and a resumed epoch see the same data as with the other
+engines. FFCV 1.0.2 draws its own order and crops; here only its reading, decoding and
+compiled-pipeline machinery is used:
 
 - the order is the tasks' record indices, handed to FFCV's pipeline batch by batch (this rank's
   share only: FFCV's own ``distributed`` sampler is not used, so nothing is padded or repeated);
@@ -94,7 +95,7 @@ class FfcvEngine:
     FFCV's own process cache), ``order`` (``random`` only: the Loader's plan; FFCV's
     ``quasi_random`` is its own order, which the plan cannot follow, and is refused)."""
 
-    follows_plan = True  # batches are exactly the plan's tasks: order, shards, crops, flips
+    own_draws = None  # nothing drawn here: batches are the plan's tasks (see Loader.set_epoch)
 
     def __init__(self, records: RecordFile, device: torch.device | str, decode: str,
                  workers: int, prefetch: int, plan: EpochPlan, *, order: str = "random",
