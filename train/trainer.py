@@ -33,6 +33,9 @@ from .rundir import environment, make_run_dir
 from .schedule import lr_at, scaled_lr, schedule_args
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the signals that stop a run with a checkpoint (SIGHUP: not on Windows)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP")
+                     if hasattr(signal, name))
 
 
 class Stopped(Exception):
@@ -423,11 +426,17 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``train.epochs``. SIGTERM, SIGINT and SIGHUP (a closed terminal or SSH
+        session), to the process or its whole group (``scancel``, Ctrl-C), save a checkpoint at
+        the next step and raise ``Stopped``; the decode engines' worker processes ignore them
+        and are shut down by ``close()``."""
         handlers = {}
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 handlers[sig] = signal.signal(sig, self._on_signal)
         except ValueError:  # not the main thread: no handlers, no signal-safe stop
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
             handlers = {}
         self.observer.start(self.step)
         try:

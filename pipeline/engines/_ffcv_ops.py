@@ -1,8 +1,9 @@
 """FFCV pieces of the FFCV engine: imported only through ``ffcv.import_ffcv`` (``import ffcv``
 changes torch's thread count, which that function puts back).
 
-``PlanCropDecoder`` is an FFCV decoder (a ``SimpleRGBImageDecoder``, so FFCV takes it as the image
-field's decoder; its code and memory are its own, as FFCV's ``ResizedCropRGBImageDecoder``) that crops the box the Loader's plan chose for each sample
+``PlanCropDecoder`` is an FFCV decoder (a ``SimpleRGBImageDecoder``, so that FFCV takes it as
+the image field's decoder; its code and memory are its own, as those of FFCV's
+``ResizedCropRGBImageDecoder``) that crops the box the Loader's plan chose for each sample
 instead of drawing one, and flips as the plan says. Numba freezes the globals and closure
 variables of compiled code when it compiles, so a table the engine re-filled each epoch would
 never be seen: the boxes travel as *memory* instead, the one argument FFCV hands the compiled

@@ -224,9 +224,10 @@ _END = object()
 
 
 class _Slots:
-    """An epoch's batch memory: FFCV's buffers for ``count`` batches (``allocate_memory``: a dict
-    of kind → node id → buffers, each ``count`` × batch × shape) at output side ``size``, and on
-    CUDA, per slot, the event after the last host→device copy that read its pinned memory."""
+    """An epoch's batch memory: FFCV's buffers for ``count`` batches (``allocate_memory``: a
+    dict of kind → node id → buffers, each ``count`` × batch × shape) at output side ``size``,
+    and on CUDA, per slot, the event after the last host→device copy that read its pinned
+    memory."""
 
     def __init__(self, memory: dict, size: int, count: int):
         self.memory, self.size, self.count = memory, size, count
