@@ -23,8 +23,8 @@ compiled-pipeline machinery is used:
   does not: with the GPU more than ``batches_ahead + 2`` batches behind, a batch could be
   overwritten by a later one before its copy ran).
 
-A yielded batch lives in the slot's memory: it is valid until the next batch is asked for (the
-Loader's stages copy it before then). ``import ffcv`` sets torch's CPU threads to 1, and FFCV's
+A yielded batch's images live in the slot's memory: they are valid until the next batch is asked
+for (the Loader's stages copy them before then); its labels are a copy of their own. ``import ffcv`` sets torch's CPU threads to 1, and FFCV's
 loader to its worker count: the caller's count is put back each time.
 """
 from __future__ import annotations
@@ -100,9 +100,6 @@ class FfcvEngine:
     def __init__(self, records: RecordFile, device: torch.device | str, decode: str,
                  workers: int, prefetch: int, plan: EpochPlan, *, order: str = "random",
                  os_cache: bool = True):
-        import numba
-        _, decoders, loader, transforms = import_ffcv()
-        from ._ffcv_ops import PlanCropDecoder
         if decode != "auto":
             raise OptionError(f"the FFCV engine decodes inside FFCV; decode={decode!r} does not "
                               "apply (leave it auto)")
@@ -112,6 +109,10 @@ class FfcvEngine:
                               "epoch could not find its place; use order=random (the plan's)")
         if order != "random":
             raise OptionError(f"FFCV order must be random (the Loader's plan), got {order!r}")
+        _, decoders, loader, transforms = import_ffcv()
+        import numba  # FFCV's dependency: after import_ffcv, which says how to install it
+
+        from ._ffcv_ops import PlanCropDecoder
         path = beton_path(records)
         if not path.is_file():
             raise DataError(f"{path} is missing: make it with `tricks convert SRC DST "
@@ -196,7 +197,9 @@ class FfcvEngine:
         try:
             for _ in tasks:
                 images, labels = epoch.get()
-                yield images, labels.reshape(-1)
+                # labels are copied (N int64): the Loader hands them on as the targets, which a
+                # consumer may keep; images are read by the Loader's stages before the next batch
+                yield images, labels.reshape(-1).clone()
             if epoch.get() is not _END:
                 raise RuntimeError("FFCV's pipeline made more batches than it was given")
         finally:
