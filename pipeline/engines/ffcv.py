@@ -24,8 +24,9 @@ compiled-pipeline machinery is used:
   overwritten by a later one before its copy ran).
 
 A yielded batch's images live in the slot's memory: they are valid until the next batch is asked
-for (the Loader's stages copy them before then); its labels are a copy of their own. ``import ffcv`` sets torch's CPU threads to 1, and FFCV's
-loader to its worker count: the caller's count is put back each time.
+for (the Loader's stages copy them before then); its labels are a copy of their own.
+``import ffcv`` sets torch's CPU threads to 1, and FFCV's loader to its worker count: the
+caller's count is put back each time.
 """
 from __future__ import annotations
 
