@@ -99,3 +99,21 @@ def test_a_signal_to_the_process_group_saves_a_checkpoint_and_resumes(data, tmp_
     steps = [json.loads(x)["step"] for x in (run / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 51))
     assert load_checkpoint(run)["step"] == 50
+
+
+EXIT_WITHOUT_CLOSE = """
+import sys
+from tricks.pipeline import Loader
+loader = Loader(sys.argv[1], "train", 8, image_size=16, workers=2,
+                engine_options={"cpu_decoder": "pillow"})
+next(iter(loader))
+print("exiting", flush=True)
+"""
+
+
+def test_a_program_that_never_closes_its_pillow_workers_still_exits(shapes_records):
+    """The Pillow workers ignore SIGTERM, and multiprocessing's exit handler SIGTERMs daemonic
+    children, then waits for them: the engine shuts its workers down at exit first."""
+    run = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_CLOSE, str(shapes_records)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "exiting" in run.stdout, run.stderr[-2000:]
