@@ -368,6 +368,12 @@ class _Epoch:
         self.context.__exit__(None, None, None)
         while not self.queue.empty():  # batches made ahead: drop them with the thread
             self.queue.get_nowait()
+        if self.cuda:
+            # copies of batches never taken may still be queued on the slot streams: whatever
+            # the consumer's stream does next (with this memory, or with blocks the allocator
+            # hands out once it is freed) comes after them
+            for stream in self.streams:
+                self.consumer.wait_stream(stream)
         return self.slots
 
 
