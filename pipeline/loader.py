@@ -115,7 +115,6 @@ class Loader:
             self.stages.engine_normalizes = fold(constants)
         self.seed, self.rank = seed, rank
         self.epoch, self.start_batch = 0, 0
-        self._next_epoch = 0         # the epoch after the last one selected (see set_epoch)
         self.position = 0            # global batches of the current epoch already yielded
         self.wait_time = 0.0         # seconds the consumer spent blocked on the engine
         index = self.records.index
@@ -133,18 +132,17 @@ class Loader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (new order and crops); ``start_batch`` skips ahead, for resuming.
         With an engine that draws part of its batches itself (its ``own_draws`` says what), a
-        start other than the next epoch's first batch (a resumed run) would not give the
-        uninterrupted run's batches: refused (``OptionError``)."""
+        start inside an epoch would not give the uninterrupted run's batches: refused
+        (``OptionError``)."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} outside 0..{len(self)}")
         draws = getattr(self.engine, "own_draws", None)
-        if draws and (start_batch or epoch not in (0, self._next_epoch)):
-            raise OptionError(f"cannot start at epoch {epoch}, batch {start_batch} (a resumed "
+        if draws and start_batch:
+            raise OptionError(f"cannot start epoch {epoch} at batch {start_batch} (a resumed "
                               f"run): {draws}, so the batches would differ from an "
                               "uninterrupted run's; resume with an engine that follows the "
-                              "Loader's plan, or start over")
+                              "Loader's plan, or from an epoch's end")
         self.epoch, self.start_batch = epoch, start_batch
-        self._next_epoch = epoch + 1
 
     def set_image_size(self, size: int) -> None:
         self.image_size = size
