@@ -1,7 +1,7 @@
-"""Test helper for tests/test_engine_contract.py, run in a subprocess (one per engine and role:
+"""Test helper for tests/test_engine_promises.py, run in a subprocess (one per engine and role:
 FFCV and DALI change process-wide settings, and "two processes with one seed" is the point).
 
-Usage: python tests/engine_worker.py ROOT SPEC ROLE OUT, SPEC a JSON dict of Loader keywords
+Usage: python tests/promises_worker.py ROOT SPEC ROLE OUT, SPEC a JSON dict of Loader keywords
 (engine, decode, engine_options). Training batches of 4 at 16², the Loader's float output with
 mean 0 and std 1/255 (the engine's 0..255 pixels):
 

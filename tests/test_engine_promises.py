@@ -1,5 +1,5 @@
 """Every installed engine and source keeps the engine contract (issue 25, items 1–3; issue 13's
-one-contract design), each checked in subprocesses (``engine_worker.py``):
+one-contract design), each checked in subprocesses (``promises_worker.py``):
 
 - two processes with one seed give bitwise-equal batches, and an epoch interrupted at batch K
   and resumed with ``set_epoch(e, start_batch=K)`` gives the uninterrupted epoch's batches (an
@@ -79,7 +79,7 @@ def data(tmp_path_factory):
 
 
 def _worker(root, spec, role, out):
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_worker.py"), str(root),
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "promises_worker.py"), str(root),
                           json.dumps(spec), role, str(out)], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
