@@ -21,7 +21,7 @@ import torch
 from tricks.errors import UserError
 
 from tricks.train.config import load_config, preset_path
-from tricks.train.data import resolve_dataset
+from tricks.pipeline.source import resolve_dataset
 
 from .results import default_results_dir
 

@@ -35,7 +35,7 @@ from tricks.errors import exit_on_user_error
 from tricks.pipeline import Engine, Loader, Output
 from tricks.pipeline.convert import convert
 from tricks.pipeline.options import IMAGENET_MEAN, IMAGENET_STD
-from tricks.train.data import cache_dir
+from tricks.pipeline.source import cache_dir
 
 from .results import OUT_HELP, Timer, entry, resolve_device, resolve_dtype, write_results
 

@@ -219,7 +219,7 @@ def big_tree(root: Path, files: int, classes: int = 1000) -> Path:
 
 def bench_startup(work: Path, files: int, reps: int) -> list[dict]:
     from tricks.pipeline.convert import discover
-    from tricks.train.data import resolve_dataset
+    from tricks.pipeline.source import resolve_dataset
     os.environ["TRICKS_CACHE"] = str(work / "cache")
     tree = big_tree(work / f"tree-{files}", files)
     t = time.perf_counter()
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="scratch folder (default: the tricks cache)")
     p.add_argument("--out", default=None, help=OUT_HELP)
     args = p.parse_args(argv)
-    from tricks.train.data import cache_dir
+    from tricks.pipeline.source import cache_dir
     work = Path(args.work) if args.work else cache_dir() / "bench-scale"
     work.mkdir(parents=True, exist_ok=True)
     entries, load = [], {}

@@ -117,8 +117,6 @@ class Loader:
                               "tricks.pipeline.Engine(...)")
         engine_cls = engine_class(engine.name)
         caps = engine_cls.capabilities(self.device, **engine.options)
-        if not caps.follows_plan and isinstance(crop, PadCrop):
-            raise OptionError(f"engine {engine.name!r} cannot pad-and-crop: {caps.reason}")
         rank, world = sampling.shard()
         per_rank = batch_size // world if sampling.global_batch else batch_size
         if sampling.global_batch and batch_size % world:
@@ -173,8 +171,7 @@ class Loader:
                              output.std, output.channels_last, translate,
                              input_normalized=engine_normalizes)
         spec = EngineSpec(self.device, engine.workers, engine.prefetch, per_rank,
-                          self.stages.normalize_constants() if engine_normalizes else None,
-                          None if caps.follows_plan else self.plan)
+                          self.stages.normalize_constants() if engine_normalizes else None)
         self.engine = engine_cls(self.records, spec, **engine.options)
         self.capabilities = caps
         self._mix = True

@@ -95,7 +95,7 @@ def test_a_killed_first_conversion_is_named_with_its_temporary_folder(tmp_path):
         Loader(dst, "train", 2)
     msg = str(e.value)
     assert "interrupted" in msg and "out.converting" in msg and "\n" not in msg
-    from tricks.train.data import resolve_dataset
+    from tricks.pipeline.source import resolve_dataset
     with pytest.raises(DataError, match="interrupted.*out.converting"):
         resolve_dataset(str(dst), log=lambda m: None)
     with pytest.raises(DataError, match="temporary folder of an interrupted conversion"):
@@ -194,7 +194,7 @@ def test_a_conversion_cli_on_a_full_disk_prints_one_line(tmp_path):
 def test_a_folder_left_by_an_older_killed_conversion_is_named_with_its_temporary_files(tmp_path):
     """What an older tricks left after kill -9: the destination holding only ``train.rec.tmp``
     (issue 24, fault 6: it was taken for an empty ImageFolder tree)."""
-    from tricks.train.data import resolve_dataset
+    from tricks.pipeline.source import resolve_dataset
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "train.rec.tmp").write_bytes(b"\0" * 300_000)

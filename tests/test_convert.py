@@ -412,6 +412,6 @@ def test_max_side_area_filter_keeps_the_picture_and_lanczos_is_an_option():
         out = np.asarray(_decode(enc.data)).astype(int)
         assert np.abs(out[10:-10, 10:60] - (200, 40, 40)).mean() < 6
         assert np.abs(out[10:-10, 90:140] - (40, 40, 200)).mean() < 6
-    from tricks.pipeline.errors import OptionError
+    from tricks.errors import OptionError
     with pytest.raises(OptionError, match="resize filter 'cubic'"):
         convert("x", "y", resize="cubic")

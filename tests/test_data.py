@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tricks.errors import DataError
-from tricks.train.data import resolve_dataset
+from tricks.pipeline.source import resolve_dataset
 
 
 def _images(folder, n, seed=0):

@@ -190,7 +190,7 @@ def encode(*a, **k):
         time.sleep(0.01)  # held until the test opens the gate
     return slow(*a, **k)
 c.inspect_and_encode = encode
-from tricks.train.data import resolve_dataset
+from tricks.pipeline.source import resolve_dataset
 print("RESULT", resolve_dataset(sys.argv[1], log=lambda m: print("LOG", m, flush=True)))
 """
 
@@ -229,7 +229,7 @@ def test_two_runs_on_one_unconverted_tree_convert_it_once(tmp_path):
 
 def test_a_reconversion_never_deletes_what_another_run_reads(tmp_path, monkeypatch):
     from tricks.pipeline import Engine, Loader
-    from tricks.train.data import resolve_dataset
+    from tricks.pipeline.source import resolve_dataset
     monkeypatch.setenv("TRICKS_CACHE", str(tmp_path / "cache"))
     tree = _tree(tmp_path / "tree")
     mine = resolve_dataset(str(tree), log=lambda m: None)   # this run reads it

@@ -98,29 +98,24 @@ def _run(path, records_root, tmp_path):
                               str(out)], cwd=ROOT, env=subprocess_env(ROOT, ROOT / "tests"),
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-        got = torch.load(out, weights_only=False)
-        follows = got["follows_plan"]
-        batches = got["batches"]
+        batches = torch.load(out, weights_only=False)["batches"]
     else:
         cls = engine_class(name)
-        follows = cls.capabilities(torch.device("cpu"), **options).follows_plan
         engine = cls(records, EngineSpec("cpu", workers=2, prefetch=2, batch_size=4), **options)
         batches = list(engine.batches(tasks))
         engine.close()
-    return records, tasks, batches, follows
+    return records, tasks, batches
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_an_engine_yields_the_tasks_records_crops_and_flips(path, gradients, tmp_path):
-    records, tasks, batches, follows = _run(path, gradients, tmp_path)
+    records, tasks, batches = _run(path, gradients, tmp_path)
     assert len(batches) == len(tasks)
     for task, (images, labels) in zip(tasks, batches):
         n = len(task.indices)
         assert images.shape == (n, 3, S, S) and images.dtype == torch.uint8
         assert images.is_contiguous(memory_format=torch.channels_last)
         assert labels.dtype == torch.int64 and labels.shape == (n,)
-        if not follows:
-            continue  # declared (capabilities): own order and crops; the Loader refuses combos
         assert labels.tolist() == records.labels[task.indices].tolist()
         img = images.double()
         for k in range(n):
@@ -130,7 +125,8 @@ def test_an_engine_yields_the_tasks_records_crops_and_flips(path, gradients, tmp
             assert abs(blue - (20 + 20 * want_id)) < 6, (path, task.batch, k, blue)
             x0, y0, x1, y1 = (float(v) for v in task.boxes[k])
             red, green = img[k, 0], img[k, 1]
-            # the box's centre, read back from the mean of the gradients (pixel centres)
+            # the box's centre, read back from the mean of the gradients (pixel centres); FFCV
+            # crops whole pixels: a fractional box moves by ≤ ½ pixel, 1.3 levels here
             cx = ((x0 + x1) / 2 - 0.5) * 255 / (W - 1)
             cy = ((y0 + y1) / 2 - 0.5) * 255 / (H - 1)
             assert abs(float(red.mean()) - cx) < 5, (path, task.batch, k, float(red.mean()), cx)

@@ -4,7 +4,6 @@ once, through every installed engine's validation path: the same crops within 2 
 absolute error, the same labels, the same count; and the native engine's crops are the upright,
 8-bit picture as taken."""
 import importlib.util
-import io
 import subprocess
 import sys
 from pathlib import Path

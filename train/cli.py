@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from tricks.errors import UserError, exit_on_user_error
 
@@ -155,7 +154,9 @@ def cmd_show_batch(args) -> int:
     from tricks.pipeline.preview import save_grid
 
     from .config import load_config, preset_path
-    from .data import make_loaders, resolve_dataset
+    from tricks.pipeline.source import resolve_dataset
+
+    from .data import make_loaders
 
     cfg = load_config([preset_path(c) for c in (args.config or ["demo"])], args.overrides)
     cfg.train.batch = args.count
@@ -189,7 +190,7 @@ def cmd_lr(args) -> int:
         from tricks.pipeline.records import RecordFile, split_path
         from tricks.pipeline.sampling import num_batches
 
-        from .data import resolve_dataset
+        from tricks.pipeline.source import resolve_dataset
         root = resolve_dataset(cfg.data.path, cfg.data.max_side, cfg.data.quality)
         path = split_path(root, cfg.data.train_split)
         if not path.is_file():
@@ -224,8 +225,10 @@ def cmd_eval(args) -> int:
     import torch
 
     from .checkpoint import load_checkpoint
-    from .config import load_config, preset_path
-    from .data import make_val_loader, pick_val_split, resolve_dataset
+    from tricks.pipeline.source import resolve_dataset
+
+    from .config import load_config
+    from .data import make_val_loader, pick_val_split
     from .loss import SoftTargetCrossEntropy
     from .trainer import DTYPES, build_model, check_precision, evaluate, select_device
     state = load_checkpoint(args.checkpoint)

@@ -91,6 +91,7 @@ class ModelConfig:
     zero_init_last: bool = False
     init: str = "xavier"             # xavier (the paper) | torchvision
     weights: str | None = None       # a torchvision state dict or one of our checkpoints
+    weights_strict: bool = True      # false: load all but a classifier of another class count
 
 
 @dataclass

@@ -10,7 +10,6 @@ from tricks.pipeline import (CenterCrop, Engine, Loader, Output, PadCrop, Random
                              Sampling)
 from tricks.pipeline.ops import make_op
 from tricks.pipeline.records import list_splits
-from tricks.pipeline.source import cache_dir, embedded_dataset, resolve_dataset  # noqa: F401
 
 from .config import Config
 

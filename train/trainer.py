@@ -18,13 +18,15 @@ from tqdm import tqdm
 
 from tricks.errors import ConfigError, UserError
 from tricks.models import create_model, load_torchvision_state_dict
+from tricks.models.torchvision_weights import load_weights
 from tricks.pipeline import atomic
+from tricks.pipeline.source import resolve_dataset
 
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .compiler import require_compiler
 from .config import Config, dump_config
-from .data import make_loaders, resolve_dataset
+from .data import make_loaders
 from .distill import DistillationLoss
 from .ema import ExponentialMovingAverage
 from .loss import SoftTargetCrossEntropy
@@ -34,6 +36,9 @@ from .rundir import environment, make_run_dir
 from .schedule import lr_at, scaled_lr, schedule_args
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the signals that stop a run with a checkpoint (SIGHUP: not on Windows)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP")
+                     if hasattr(signal, name))
 
 
 class Stopped(Exception):
@@ -61,20 +66,30 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
 
 
-def _load_weights(model: nn.Module, path: str, what: str) -> None:
+def _load_weights(model: nn.Module, path: str, what: str, strict: bool = True,
+                  log=print) -> None:
+    """Load one of our checkpoints (its model) or a torchvision state dict into ``model``;
+    ``strict=False`` leaves out a classifier of another shape, said in one line. Raises
+    ``ConfigError`` (one line) for a missing file or weights that do not fit."""
     if not Path(path).is_file():
         raise ConfigError(f"{what}: file not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "format_version" in state:
-        model.load_state_dict(state["model"])
-        return
+    ours = isinstance(state, dict) and "format_version" in state
     try:
-        load_torchvision_state_dict(model, state)
+        left_out = load_weights(model, state["model"], strict) if ours \
+            else load_torchvision_state_dict(model, state, strict)
     except ValueError as e:
         raise ConfigError(f"{what}={path}: {e}") from None
+    if left_out:
+        saved = (state["model"] if ours else state)[left_out[0]]
+        log(f"{what}={path}: loaded all but the classifier ({', '.join(left_out)}: "
+            f"{saved.shape[0]} outputs in the weights, {model.state_dict()[left_out[0]].shape[0]}"
+            " classes here), which starts from its initialization")
 
 
-def build_model(cfg: Config, num_classes: int) -> nn.Module:
+def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
+    """The configured model for ``num_classes``, with ``model.weights`` loaded (whole, or all
+    but the classifier with ``model.weights_strict=false``)."""
     m = cfg.model
     try:
         model = create_model(m.name, num_classes=num_classes, cifar_stem=m.cifar_stem,
@@ -82,7 +97,7 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     if m.weights:
-        _load_weights(model, m.weights, "model.weights")
+        _load_weights(model, m.weights, "model.weights", m.weights_strict, log)
     return model
 
 
@@ -246,7 +261,7 @@ class Trainer:
         if self.val_loader is None:
             self.log(f"no validation split in {self.data_root} (it has only "
                      f"{cfg.data.train_split!r}): training without evaluation")
-        model = build_model(cfg, self.num_classes)
+        model = build_model(cfg, self.num_classes, self.log)
         if t.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
@@ -433,11 +448,17 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``train.epochs``. SIGTERM, SIGINT and SIGHUP (a closed terminal or SSH
+        session), to the process or its whole group (``scancel``, Ctrl-C), save a checkpoint at
+        the next step and raise ``Stopped``; the decode engines' worker processes ignore them
+        and are shut down by ``close()``."""
         handlers = {}
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 handlers[sig] = signal.signal(sig, self._on_signal)
         except ValueError:  # not the main thread: no handlers, no signal-safe stop
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
             handlers = {}
         self.observer.start(self.step)
         try:

@@ -14,10 +14,12 @@ where told, and yields
             asked for it (``spec.normalize``), float32 ``x_u8 · scale + shift`` per channel
     labels  int64 N on ``spec.device``
 
-Everything after the engine (pad-and-crop, augment, normalize, mix) is the Loader's, the same
-for every engine. An engine that cannot follow part of a task says so in one place,
-``capabilities()``, which the Loader reads before building it and turns into a one-line refusal
-of the combination; nothing else about an engine is duck-typed.
+An engine draws nothing itself: a batch depends only on (seed, epoch, batch), so same-seed runs
+agree across engines and processes and a run resumes at any batch. Everything after the engine
+(pad-and-crop, augment, normalize, mix) is the Loader's, the same for every engine. What an
+engine can do beyond that (normalize while writing) and which of its options are valid it says
+in one place, ``capabilities()``, which the Loader calls before building it (a bad option is a
+one-line ``OptionError`` there); nothing else about an engine is duck-typed.
 
 A new engine is one module with one ``@register_engine("name")`` class, imported in
 ``ENGINE_MODULES``; tests/test_engine_contract.py runs every registered engine through the same
@@ -32,7 +34,7 @@ from typing import ClassVar, Iterable, Iterator, Protocol
 import torch
 
 from tricks.errors import OptionError
-from ..sampling import BatchTask, EpochPlan  # noqa: F401  (EpochPlan: a type hint)
+from ..sampling import BatchTask
 
 # the modules that register engines; an engine whose own dependencies are missing still
 # registers (it raises its install hint when built)
@@ -50,16 +52,12 @@ class EngineSpec:
         batch_size: this rank's largest batch (for buffers and fixed-size pipelines).
         normalize: None for uint8 output, else 6 floats (scale r, g, b, shift r, g, b): write
             float32 ``x_u8 · scale + shift``; only given when ``capabilities().normalizes``.
-        plan: the ``EpochPlan`` the tasks come from, given only to an engine that does not
-            follow the plan (``capabilities().follows_plan`` False), so it can imitate its
-            sampling (batch size, order, shards, crop distribution).
     """
     device: torch.device = torch.device("cpu")
     workers: int = 0
     prefetch: int = 2
     batch_size: int = 256
     normalize: tuple[float, ...] | None = None
-    plan: "EpochPlan | None" = None
 
     def __post_init__(self):
         object.__setattr__(self, "device", torch.device(self.device))
@@ -70,15 +68,9 @@ class Capabilities:
     """What an engine does with a task, for the Loader to check once, up front.
 
     Attributes:
-        follows_plan: yields the tasks' records in order, with the tasks' boxes and flips, so
-            a batch depends only on (seed, epoch, batch): same-seed runs agree and a run resumes
-            at any batch. False: the engine draws crops itself (``reason`` says how).
         normalizes: can write normalized float32 itself (``EngineSpec.normalize``).
-        reason: why ``follows_plan`` is False, for the Loader's one-line refusal.
     """
-    follows_plan: bool = True
     normalizes: bool = False
-    reason: str = ""
 
 
 class Engine(Protocol):

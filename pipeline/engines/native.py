@@ -18,9 +18,12 @@
 """
 from __future__ import annotations
 
+import atexit
 import io
 import queue
+import signal
 import threading
+import weakref
 import warnings
 from contextlib import nullcontext
 from typing import Iterable, Iterator
@@ -230,6 +233,29 @@ def _crop_group(images: list[torch.Tensor], hs: torch.Tensor, ws: torch.Tensor,
 
 _END = object()
 
+# The stops the main process handles (SIGINT, SIGTERM, SIGHUP: the trainer saves a checkpoint,
+# then closes the engine). Sent to the whole process group (Ctrl-C, a closed terminal, scancel),
+# they reach the Pillow workers too, which died of them first: torch then raised in the main
+# process ("DataLoader worker … is killed by signal") before it could save.
+_STOPS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+# engines with live worker processes: closed at exit before multiprocessing's own exit handler,
+# which would SIGTERM them (ignored) and then wait for them forever
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _ignore_stops(worker_id: int) -> None:
+    """``worker_init_fn`` of the Pillow workers: ignore the stop signals (see ``_STOPS``); the
+    main process shuts the workers down (``NativeEngine.close``), and a worker whose main process
+    died exits by itself (torch's worker watchdog)."""
+    for s in _STOPS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    for engine in list(_LIVE):
+        engine.close()
+
 
 _said_pillow = False
 
@@ -314,7 +340,9 @@ class NativeEngine:
             self._loader = DataLoader(
                 _BatchDataset(records), batch_size=None, sampler=self._sampler,
                 num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
-                prefetch_factor=self.prefetch if workers > 0 else None)
+                prefetch_factor=self.prefetch if workers > 0 else None,
+                worker_init_fn=_ignore_stops if workers > 0 else None)
+            _LIVE.add(self)
 
     def batches(self, tasks: Iterable[BatchTask]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.cpu_decoder == "pillow":
@@ -460,9 +488,17 @@ class NativeEngine:
             yield images, labels
 
     def close(self) -> None:
+        """Free the host buffers and shut the Pillow worker processes down (torch's shutdown:
+        a done event, then a join; a worker still alive after it, which ignores SIGTERM, is
+        killed)."""
         self._buffers.clear()
         if self._loader is not None:
             it = getattr(self._loader, "_iterator", None)
             if it is not None:
                 it._shutdown_workers()
+                for w in getattr(it, "_workers", ()):
+                    if w.is_alive():
+                        w.kill()
+                        w.join()
             self._loader = None
+        _LIVE.discard(self)
