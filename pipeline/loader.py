@@ -29,7 +29,7 @@ from .options import (CenterCrop, Crop, Engine, Output, PadCrop, RandomResizedCr
                       check_crop, check_device, check_positive_int)
 from .records import RecordFile, list_splits, read_classes, split_path
 from .sampling import EpochPlan
-from .source import resolve_dataset
+from .source import pairs_tree, resolve_dataset
 from .stages import AugmentOp, BatchContext, MixOp, Stages, Translate
 
 
@@ -61,8 +61,10 @@ class Loader:
         source, split, train: where the images come from. ``source``: a folder made by
             ``tricks convert``, or an ImageFolder tree (class folders, or ``train/``, ``val/``,
             … each with class folders: converted once into the cache, ``$TRICKS_CACHE`` or
-            ``~/.cache/tricks``, with a progress bar, and reused while the tree is unchanged).
-            ``split``: "train", "val", …. ``train`` (default: ``split == "train"``): shuffle,
+            ``~/.cache/tricks``, with a progress bar, and reused while the tree is unchanged), or
+            a list of ``(path, label)`` pairs forming ``split`` (labels all ints ≥ 0, kept as
+            the targets, or all class names: ``pipeline.source.pairs_tree``), converted the same
+            way. ``split``: "train", "val", …. ``train`` (default: ``split == "train"``): shuffle,
             drop the last partial batch and crop by ``RandomResizedCrop``; else in order, every
             image once, ``CenterCrop``.
         batch_size, sampling: images per batch per process (``Sampling(global_batch=True)``:
@@ -92,7 +94,7 @@ class Loader:
         DataError: a missing dataset, split or file; a batch larger than the split.
     """
 
-    def __init__(self, source: str | os.PathLike, split: str = "train", batch_size: int = 256,
+    def __init__(self, source: str | os.PathLike | Sequence[tuple], split: str = "train", batch_size: int = 256,
                  *, device: torch.device | str = "cpu", train: bool | None = None,
                  image_size: int = 224, crop: Crop | None = None,
                  sampling: Sampling | None = None, output: Output | None = None,
@@ -124,7 +126,7 @@ class Loader:
                               f"(Sampling(global_batch=True)): it must divide by the world size "
                               f"({world})")
 
-        root = self._resolve(source)
+        root = self._resolve(source, split)
         path = split_path(root, split)
         if not path.is_file():
             raise DataError(f"{root} has no split {split!r} (has: "
@@ -186,10 +188,12 @@ class Loader:
         self._widths = index["width"].copy()
 
     @staticmethod
-    def _resolve(source) -> Path:
+    def _resolve(source, split: str) -> Path:
+        if isinstance(source, (list, tuple)):
+            return resolve_dataset(str(pairs_tree(source, split)))
         if not isinstance(source, (str, os.PathLike)):
-            raise OptionError(f"Loader(source={source!r}): give a dataset folder or an "
-                              "ImageFolder tree")
+            raise OptionError(f"Loader(source={source!r}): give a dataset folder, an "
+                              "ImageFolder tree or a list of (path, label) pairs")
         path = Path(source).expanduser()
         if not path.exists():
             raise DataError(interrupted_conversion(path) or f"no such dataset folder: {path}")

@@ -1,7 +1,8 @@
 """Where a Loader's data comes from: a folder made by ``tricks convert`` as it is, an ImageFolder
 tree (class folders, or ``train/``, ``val/``, … each with class folders) converted into the cache
-(once, and again, incrementally, when it changed: ``resolve_dataset``), or nothing: the embedded
-synthetic dataset."""
+(once, and again, incrementally, when it changed: ``resolve_dataset``), a list of
+``(path, label)`` pairs (``pairs_tree``: linked into an ImageFolder tree in the cache, then as a
+tree), or nothing: the embedded synthetic dataset."""
 from __future__ import annotations
 
 import fcntl
@@ -13,7 +14,8 @@ from pathlib import Path
 from tricks.errors import DataError, DiskError
 
 from . import atomic
-from .convert import CONVERT_VERSION, convert, format_report, source_changes
+from .convert import (CONVERT_VERSION, IMAGE_EXTENSIONS, SPLIT_NAMES, convert, format_report,
+                      source_changes)
 from .records import CLASSES_FILE
 from .synthetic import make_dataset
 
@@ -56,6 +58,93 @@ def embedded_dataset(log=print) -> Path:
                     (images / ".complete").touch()
                 convert(images, records, workers=0, progress=False)
     return records
+
+
+def pairs_tree(pairs, split: str, log=print) -> Path:
+    """An ImageFolder tree in the cache holding ``pairs``, for ``resolve_dataset``.
+
+    Args:
+        pairs: a sequence of ``(path, label)``: an image file (absolute, or relative to the
+            current directory) and its label, every label an ``int`` ≥ 0 or every label a
+            ``str`` (as read from a CSV). Integer labels are kept as the targets: class folders
+            ``000000``, ``000001``, … up to the largest label, so label k is target k (in
+            training every label up to the largest needs an image; an evaluation list may
+            leave some out). String labels are class names, numbered in sorted order
+            (as ImageFolder does); give the same set of names to every split.
+        split: the split the pairs form (``train``, ``val``, ``validation`` or ``test``).
+
+    Returns:
+        ``<cache>/pairs/<key>``, holding ``<split>/<class>/<n><ext>``: one symbolic link per
+        pair, to the resolved file. The key is a hash of the split and the pairs, so the same
+        list finds the same tree (and its conversion) again. A file rewritten in place is seen
+        as a change only with ``TRICKS_RECHECK=1`` (see ``resolve_dataset``).
+
+    Raises:
+        OptionError: not a sequence of pairs, mixed or negative labels, a training label
+            without an image below the largest, an unknown split, a file of another extension
+            than the converter reads.
+        DataError: files that do not exist (the count and the first one named).
+    """
+    from tricks.errors import OptionError
+    if split not in SPLIT_NAMES:
+        raise OptionError(f"Loader(split={split!r}): a list of (path, label) pairs forms one "
+                          f"split named {', '.join(SPLIT_NAMES)}")
+    try:
+        rows = [(os.path.abspath(os.fspath(p)), label) for p, label in pairs]
+    except (TypeError, ValueError):
+        raise OptionError("Loader(source=…): a list must hold (path, label) pairs") from None
+    if not rows:
+        raise OptionError("Loader(source=[]): the list of (path, label) pairs is empty")
+    bad_ext = [p for p, _ in rows if os.path.splitext(p)[1].lower() not in IMAGE_EXTENSIONS]
+    if bad_ext:
+        raise OptionError(f"Loader(source=…): {len(bad_ext)} file(s) without an image extension "
+                          f"({', '.join(sorted(IMAGE_EXTENSIONS))}), first {bad_ext[0]}")
+    missing = [p for p, _ in rows if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(rows)} listed image(s) do not exist, first "
+                        f"{missing[0]}")
+    labels = [label for _, label in rows]
+    if all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
+        if min(labels) < 0:
+            raise OptionError(f"Loader(source=…): label {min(labels)} is negative")
+        unused = sorted(set(range(max(labels) + 1)) - set(labels))
+        if unused and split == "train":
+            more = " …" if len(unused) > 5 else ""
+            raise OptionError(f"Loader(source=…): label(s) {', '.join(map(str, unused[:5]))}"
+                              f"{more} have no training image, and integer labels are the "
+                              f"targets 0..{max(labels)}: every one needs an image (or give "
+                              "class names, numbered in sorted order)")
+        width = max(6, len(str(max(labels))))
+        names = [f"{y:0{width}d}" for y in labels]
+        classes = [f"{y:0{width}d}" for y in range(max(labels) + 1)]
+    elif all(isinstance(y, str) and y and "/" not in y and not y.startswith(".")
+             for y in labels):
+        names, classes = labels, sorted(set(labels))
+    else:
+        raise OptionError("Loader(source=…): labels must all be integers ≥ 0 or all be class "
+                          "names (non-empty strings without '/' or a leading '.')")
+    digest = hashlib.sha1(split.encode())
+    for (p, _), name in zip(rows, names):
+        digest.update(f"\0{p}\0{name}".encode())
+    root = _cache_folder(cache_dir() / "pairs") / digest.hexdigest()[:16]
+    if (root / ".complete").is_file():
+        return root
+    part = root.with_name(f"{root.name}.{os.getpid()}.part")
+    shutil.rmtree(part, ignore_errors=True)
+    log(f"linking {len(rows)} listed images into {root}")
+    try:
+        for c in classes:
+            (part / split / c).mkdir(parents=True)
+        for k, ((p, _), name) in enumerate(zip(rows, names)):
+            os.symlink(p, part / split / name / f"{k:08d}{os.path.splitext(p)[1].lower()}")
+        (part / ".complete").touch()
+        os.rename(part, root)  # whole, in one step; another process may have won the race
+    except OSError as e:
+        shutil.rmtree(part, ignore_errors=True)
+        if (root / ".complete").is_file():
+            return root
+        raise atomic.disk_error(e, root, "cannot write the dataset cache") from None
+    return root
 
 
 CURRENT = "current"   # in a cache folder: a link to the newest complete conversion (g<N>)

@@ -3,6 +3,7 @@ fell into, as a test."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tricks.pipeline import (CenterCrop, Engine, Loader, LoaderClosed, Output, PerSample,
                              RandomResizedCrop, Sampling)
@@ -83,6 +84,48 @@ def test_a_file_or_a_missing_path_is_one_line(tmp_path):
         with pytest.raises(DataError, match=message) as e:
             _loader(path)
         assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def twelve_colours(tmp_path_factory):
+    """12 flat JPEGs, picture k of grey level 20·k, listed as (path, label k): targets beyond 9
+    tell whether integer labels stay the targets (class "10" sorts before "2" as text)."""
+    folder = tmp_path_factory.mktemp("listed")
+    for k in range(12):
+        Image.fromarray(np.full((20, 30, 3), 20 * k, np.uint8)).save(folder / f"p{k}.jpg",
+                                                                        quality=95)
+    return [(str(folder / f"p{k}.jpg"), k) for k in range(12)]
+
+
+def test_a_list_of_path_label_pairs_keeps_integer_labels_as_targets(twelve_colours, capsys):
+    with _loader(twelve_colours, "val", batch_size=5, image_size=16,
+                 output=Output(dtype=torch.uint8)) as val:
+        assert val.num_classes == 12 and len(val.dataset) == 12
+        for batch in val:
+            grey = batch.images.double().mean(dim=(1, 2, 3))
+            assert torch.allclose(grey, 20 * batch.targets.double(), atol=3), \
+                (grey, batch.targets)
+    assert "linking 12 listed images" in capsys.readouterr().out
+    # the same list again: the same converted folder, nothing said
+    again = _loader(twelve_colours, "val", batch_size=5, image_size=16)
+    assert again.dataset.root == val.dataset.root and capsys.readouterr().out == ""
+    named = _loader([(p, "odd" if k % 2 else "even") for p, k in twelve_colours], "train",
+                    batch_size=4, image_size=16)
+    assert named.classes == ["even", "odd"]
+    assert sorted(int(y) for b in named for y in b.targets) == [0] * 6 + [1] * 6
+
+
+@pytest.mark.parametrize("make,error,message", [
+    (lambda ps: ps + [("/nowhere/x.jpg", 1)], DataError,
+     "1 of the 13 listed image.s. do not exist, first /nowhere/x.jpg"),
+    (lambda ps: [(p, k) for p, k in ps if k != 3], OptionError, "label.s. 3 have no training"),
+    (lambda ps: ps[:1] + [(ps[1][0], "cat")], OptionError, "labels must all be integers"),
+    (lambda ps: [p for p, _ in ps], OptionError, "a list must hold .path, label. pairs"),
+])
+def test_a_bad_list_is_one_line(twelve_colours, make, error, message):
+    with pytest.raises(error, match=message) as e:
+        _loader(make(twelve_colours), "train", batch_size=2)
+    assert "\n" not in str(e.value)
 
 
 # --- 4. your own transforms ---------------------------------------------------------------------
