@@ -17,8 +17,8 @@ class HostBuffers:
     """Batch buffers on the host that are reused once nobody holds them any more.
 
     A fresh 38 MB float32 batch (64 × 224² × 3) costs ~9,000 page faults each time (glibc maps
-    blocks over 32 MB anew); reusing one saved 15–30 % of the CPU path's time on the 2-core
-    development machine. A buffer is handed out again only when no tensor but the pool's own
+    blocks over 32 MB anew), a large share of the CPU path's time (``tricks bench loader``
+    measures it). A buffer is handed out again only when no tensor but the pool's own
     shares its storage, so a batch the consumer keeps (a list of batches, a view, a tensor
     autograd saved, a ``.numpy()`` array) is never overwritten: it simply costs a fresh buffer.
     A buffer whose storage was moved to shared memory (sent through a ``torch.multiprocessing``
