@@ -9,12 +9,12 @@ Layout (little-endian), format version 2:
 
 Checksums are zlib's CRC-32 (``zlib.crc32``: in Python's standard library, so every reader and
 writer has it, and fast enough to check each record once per process, as benchmarks/scale.py
-measures; CRC-32C would need hardware instructions or a new package, xxHash a new package).
-The header CRC covers the header with its own field zeroed, the index CRC the whole index, each row's CRC its record's bytes. Every header and index field is
-checked when a file is opened (``RecordFile``): a damaged field is a one-line ``DataError``
-naming the file (and record), never a silent misread. The record bytes themselves are checked
-by ``tricks verify`` (every record) and by the native engine's decode threads (each record it
-decodes).
+measures; CRC-32C would need hardware instructions or a new package, xxHash a new package). The
+header CRC covers the header with its own field zeroed, the index CRC the whole index, each row's
+CRC its record's bytes. Every header and index field is checked when a file is opened
+(``RecordFile``): a damaged field is a one-line ``DataError`` naming the file (and record), never a
+silent misread. The record bytes themselves are checked by ``tricks verify`` (every record) and by
+the native engine's decode threads (each record it decodes).
 
 Reading a record is two array lookups and a slice of the mapping: no per-file ``open()``.
 The class list shared by all splits lives beside the files, in ``classes.json``.
