@@ -38,6 +38,7 @@ from tricks.pipeline.options import IMAGENET_MEAN, IMAGENET_STD
 from tricks.pipeline.source import cache_dir
 
 from .results import OUT_HELP, Timer, entry, resolve_device, resolve_dtype, write_results
+from .stack import trick_stack
 
 
 def _make_jpeg(args: tuple[Path, int, int, int]) -> None:
@@ -91,13 +92,6 @@ def _subset_tree(src: Path, dst: Path, count: int) -> Path:
     return dst
 
 
-def trick_stack():
-    """The full trick stack of the target: jitter, lighting, erasing (augment) and mixup."""
-    from tricks.pipeline.augment import ColorJitter, Lighting, RandomErasing
-    from tricks.pipeline.mix import Mixup
-    return dict(augment=[ColorJitter(), Lighting(), RandomErasing()], mix=Mixup())
-
-
 def records_to_tree(records: Path, dst: Path) -> Path:
     """The records' stored JPEGs written back as an ImageFolder tree (for torchvision)."""
     from tricks.pipeline.records import RecordFile, read_classes
@@ -125,7 +119,7 @@ class _LoaderRun:
         self.loader = Loader(records, "train", args.batch, image_size=size, device=device,
                              output=Output(dtype),
                              engine=Engine(engine, workers=workers, **options),
-                             **(trick_stack() if stack else {}))
+                             **(dict(zip(("augment", "mix"), trick_stack())) if stack else {}))
         self.device, self.epochs = device, 0
 
     def epoch(self) -> tuple[int, float]:
@@ -256,7 +250,7 @@ def _storages(text: str) -> list[int | None]:
     return out
 
 
-ENGINES = ("native", "native-pillow", "dali", "dali-files", "ffcv", "torchvision")
+ENGINES = ("native", "native-pillow", "dali", "ffcv", "torchvision")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -282,8 +276,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
     p.add_argument("--engines", default=None,
-                   help=f"comma-separated, of {', '.join(ENGINES)} (default: all installed but "
-                        "dali-files)")
+                   help=f"comma-separated, of {', '.join(ENGINES)} (default: all installed)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the decode-ceiling row")
     p.add_argument("--stack", action="store_true",
                    help="also run each engine (not torchvision) with jitter + lighting + erasing "
@@ -360,10 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                     elif name == "native-pillow":
                         r = _LoaderRun(records, args, size, workers, device, dtype, "native",
                                        "workers", {"cpu_decoder": "pillow"}, stack)
-                    elif name in ("dali", "dali-files"):
+                    elif name == "dali":
                         r = _LoaderRun(records, args, size, workers, device, dtype, "dali",
-                                       "auto", {"source": "files" if name == "dali-files"
-                                                else "records"}, stack)
+                                       "auto", {}, stack)
                     elif name == "ffcv":
                         r = _LoaderRun(records, args, size, workers, device, dtype, "ffcv",
                                        "auto", {}, stack)
