@@ -202,7 +202,7 @@ def test_any_augment_and_mix_combination_is_a_config_switch(shapes_records, tmp_
 
 
 @pytest.mark.parametrize("override,message", [
-    ("augment.ops=[sharpen]", "unknown augment op 'sharpen'; known: "),
+    ("augment.ops=[sharpen]", "augment.ops: unknown 'sharpen'; choose from jitter, "),
     ("augment.erasing_p=1.5", "erasing p must be a probability in [0, 1], got 1.5"),
     ("mix.alpha=-0.2", "mixup alpha must be ≥ 0"),
     ("augment.cutout_size=64", "cutout_size=64 is larger than the 32² training image"),
