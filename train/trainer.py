@@ -23,7 +23,8 @@ from tricks.pipeline import atomic
 from tricks.pipeline.source import resolve_dataset
 
 from . import distributed
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (load_checkpoint, read_state_dict, rng_state, save_checkpoint,
+                         set_rng_state)
 from .compiler import require_compiler
 from .config import Config, dump_config
 from .data import make_loaders
@@ -68,20 +69,18 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 def _load_weights(model: nn.Module, path: str, what: str, strict: bool = True,
                   log=print) -> None:
-    """Load one of our checkpoints (its model) or a torchvision state dict into ``model``;
-    ``strict=False`` leaves out a classifier of another shape, said in one line. Raises
-    ``ConfigError`` (one line) for a missing file or weights that do not fit."""
-    if not Path(path).is_file():
-        raise ConfigError(f"{what}: file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    ours = isinstance(state, dict) and "format_version" in state
+    """Load one of our checkpoints (its model) or a torchvision state dict into ``model``
+    (read safely: ``checkpoint.read_state_dict``); ``strict=False`` leaves out a classifier of
+    another shape, said in one line. Raises ``UserError`` (one line) for a missing or
+    unreadable file, ``ConfigError`` for weights that do not fit."""
+    weights, ours = read_state_dict(path, what)
     try:
-        left_out = load_weights(model, state["model"], strict) if ours \
-            else load_torchvision_state_dict(model, state, strict)
+        left_out = load_weights(model, weights, strict) if ours \
+            else load_torchvision_state_dict(model, weights, strict)
     except ValueError as e:
         raise ConfigError(f"{what}={path}: {e}") from None
     if left_out:
-        saved = (state["model"] if ours else state)[left_out[0]]
+        saved = weights[left_out[0]]
         log(f"{what}={path}: loaded all but the classifier ({', '.join(left_out)}: "
             f"{saved.shape[0]} outputs in the weights, {model.state_dict()[left_out[0]].shape[0]}"
             " classes here), which starts from its initialization")
@@ -104,11 +103,8 @@ def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
 def build_teacher(cfg: Config, num_classes: int) -> nn.Module:
     """The teacher: our checkpoint (its own model settings) or a torchvision state dict."""
     t = cfg.teacher
-    if not Path(t.checkpoint).is_file():
-        raise ConfigError(f"teacher.checkpoint: file not found: {t.checkpoint}")
-    state = torch.load(t.checkpoint, map_location="cpu", weights_only=False)
-    ours = isinstance(state, dict) and "format_version" in state
-    mcfg = dict(state["config"]["model"]) if ours else {}
+    weights, ours = read_state_dict(t.checkpoint, "teacher.checkpoint")
+    mcfg = dict(ours["config"]["model"]) if ours else {}
     name = t.model or mcfg.get("name")
     if name is None:
         raise ConfigError("teacher.model: name the teacher's model (the checkpoint is not ours)")
@@ -119,9 +115,9 @@ def build_teacher(cfg: Config, num_classes: int) -> nn.Module:
         raise ConfigError(f"teacher: {e}") from None
     try:
         if ours:
-            model.load_state_dict(state["model"])
+            model.load_state_dict(weights)
         else:
-            load_torchvision_state_dict(model, state)
+            load_torchvision_state_dict(model, weights)
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"teacher.checkpoint={t.checkpoint} does not fit {name} with "
                           f"{num_classes} classes ({str(e).splitlines()[0]})") from None
