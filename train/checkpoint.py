@@ -64,8 +64,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 # What our checkpoints hold beyond tensors and plain containers: numpy's MT19937 state (a uint32
 # array, ``rng_state``). Allowed exactly, for ``weights_only=True``; nothing else is.
-_NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
-                      type(np.dtype(np.uint32))]
+# (numpy 2 moved ``numpy.core`` to ``numpy._core``; a checkpoint names the module it was
+# written under, so both names are allowed for the one function)
+_reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
+_NUMPY_RNG_GLOBALS = [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),
+                      (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray,
+                      np.dtype, type(np.dtype(np.uint32))]
 
 
 def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object:
