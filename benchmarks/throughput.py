@@ -1,6 +1,8 @@
 """Training throughput, as in the paper's Table 3: baseline (batch 256, FP32) against efficient
 (batch 1024, FP16 + channels-last, linear-scaled LR with warmup), per model, with synthetic
-input on the device and, with ``--data``, fed by a real engine.
+input on the device and, with ``--data``, fed by a real engine. Precision, autocast and loss
+scaling come from ``train.build`` as for ``tricks train``; the efficient modes run the device's
+half precision (``half_precision``: FP16 on CUDA, BF16 on a CPU), named in every row.
 
 Every timed step is the trainer's own ``train_step`` (same loss, optimizer, scaler, autocast).
 Each configuration warms up (absorbing cuDNN autotuning and compilation), then runs several
