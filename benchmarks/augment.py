@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
 
 import torch
 
@@ -23,7 +22,9 @@ from tricks.pipeline.mix import CutMix, Mixup, Ricap
 from tricks.pipeline.sampling import keyed_generator
 from tricks.pipeline.stages import Stages
 
-from .results import OUT_HELP, Timer, entry, resolve_device, resolve_dtype, write_results
+from tricks.train.build import place_model, resolve_precision
+
+from .results import OUT_HELP, Timer, entry, resolve_device, write_results
 
 
 def _time(fn, device, warmup: int, runs: int, iters: int) -> list[float]:
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    dtype = resolve_dtype(args.dtype, device)
+    # auto: FP16 on CUDA, FP32 on the CPU; the policy (FP16 needs CUDA) is train.build's
+    precision = resolve_precision(("fp16" if cuda else "fp32") if args.dtype == "auto"
+                                  else args.dtype, device, "--dtype")
+    dtype = precision.dtype
     batch = args.batch or (256 if cuda else 16)
     iters = args.iters or (10 if cuda else 2)
     n_classes = 1000
@@ -96,12 +100,10 @@ def main(argv: list[str] | None = None) -> int:
            {"kind": "stack"})
 
     if not args.no_train_step:
-        model = create_model("resnet50d", num_classes=n_classes).to(device)
-        model = model.to(memory_format=torch.channels_last)
+        model = place_model(create_model("resnet50d", num_classes=n_classes), device,
+                            channels_last=True)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 \
-            else nullcontext()
+        scaler, autocast = precision.grad_scaler(), precision.autocast()
         xin, _ = plain(u8, labels, None)
 
         def step():

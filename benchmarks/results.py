@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tricks.train.rundir import device_name, environment
-from tricks.train.trainer import DTYPES
+from tricks.train.build import DTYPES
 
 OUT_HELP = ("results folder (default: ./benchmarks-results/<device>/; the committed results are "
             "written with --out benchmarks/results/<device>)")

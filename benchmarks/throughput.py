@@ -1,6 +1,8 @@
 """Training throughput, as in the paper's Table 3: baseline (batch 256, FP32) against efficient
 (batch 1024, FP16 + channels-last, linear-scaled LR with warmup), per model, with synthetic
-input on the device and, with ``--data``, fed by a real engine.
+input on the device and, with ``--data``, fed by a real engine. Precision, autocast and loss
+scaling come from ``train.build`` as for ``tricks train``; the efficient modes run the device's
+half precision (``half_precision``: FP16 on CUDA, BF16 on a CPU), named in every row.
 
 Every timed step is the trainer's own ``train_step`` (same loss, optimizer, scaler, autocast).
 Each configuration warms up (absorbing cuDNN autotuning and compilation), then runs several
@@ -33,7 +35,7 @@ import argparse
 import gc
 import json
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,11 +48,12 @@ from tricks.pipeline.mix import Mixup
 from tricks.pipeline.records import read_classes
 from tricks.pipeline.sampling import keyed_generator
 from tricks.pipeline.stages import Stages
+from tricks.train.build import half_precision, place_model, resolve_precision
+from tricks.train.compiler import missing_compiler
 from tricks.train.loss import SoftTargetCrossEntropy
 from tricks.train.optim import build_optimizer
 from tricks.train.schedule import lr_at, scaled_lr
-from tricks.train.compiler import missing_compiler
-from tricks.train.trainer import DTYPES, train_step
+from tricks.train.trainer import train_step
 
 from .report import render
 from .results import (IMAGENET_TRAIN, OUT_HELP, Timer, entry, parse_models, resolve_device,
@@ -80,11 +83,6 @@ def fp32_precision(strict: bool):
 def trick_stack() -> tuple[list, Mixup]:
     """The augment ops and the mix op of ``efficient-stack``."""
     return [ColorJitter(), Lighting(), RandomErasing()], Mixup(0.2)
-
-
-def _precision(name: str, device: torch.device) -> str:
-    # FP16 autocast needs CUDA; the efficient mode falls back to BF16 on the CPU (stated)
-    return "bf16" if name == "fp16" and device.type != "cuda" else name
 
 
 def _engine(args, name: str) -> Engine:
@@ -161,24 +159,23 @@ def run_config(args, model_name: str, mode: str, batch: int, device: torch.devic
 
 def _run_config(args, model_name: str, mode: str, batch: int, device: torch.device) -> dict:
     baseline = mode.startswith("baseline")
-    precision = _precision("fp32" if baseline else
-                           ("bf16" if mode == "efficient-bf16" else "fp16"), device)
+    # the efficient modes run the device's half precision: FP16 on CUDA, BF16 elsewhere
+    # (train.build's policy; the precision is in every row and the JSON)
+    precision = resolve_precision("fp32" if baseline else "bf16" if mode == "efficient-bf16"
+                                  else half_precision(device), device, f"mode {mode}")
     channels_last = not baseline
     compile_mode = COMPILE_MODES.get(mode)
     size = args.size or default_input_size(model_name)
-    dtype = DTYPES[precision]
+    dtype = precision.dtype
     # mixed targets are N × the dataset's classes: the model's head matches them
     classes = 1000 if args.input == "synthetic" else len(read_classes(Path(args.data)))
-    model = create_model(model_name, num_classes=classes).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(create_model(model_name, num_classes=classes), device, channels_last)
     net = torch.compile(model, mode=compile_mode) if compile_mode else model
     peak = scaled_lr(0.1, batch)
     fused = not baseline  # the baseline keeps torch's default (foreach) update
     opt = build_optimizer(model, "sgd", peak, weight_decay=1e-4, no_bias_decay=not baseline,
                           fused=fused)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
+    scaler, autocast = precision.grad_scaler(), precision.autocast()
     criterion = SoftTargetCrossEntropy(classes)
     warmup_steps = 0 if baseline else 5 * 100  # a warmup, as the recipe has
     data = Feed(args, device, dtype, channels_last, batch, size, stack=mode == "efficient-stack")
@@ -214,7 +211,7 @@ def _run_config(args, model_name: str, mode: str, batch: int, device: torch.devi
         data.close()
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     settings = {"model": model_name, "mode": mode, "input": args.input, "batch": batch,
-                "precision": precision, "channels_last": channels_last,
+                "precision": precision.name, "channels_last": channels_last,
                 "compile": compile_mode, "fused_sgd": fused, "image_size": size,
                 "trick_stack": "jitter, lighting, erasing, mixup" if mode == "efficient-stack"
                 else None,

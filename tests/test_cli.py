@@ -89,7 +89,7 @@ def test_the_readme_offers_a_first_training_command_that_runs_on_a_cpu():
     from tricks.errors import ConfigError
     from tricks.train.config import load_config
     from tricks.train.config import preset_path as config_path
-    from tricks.train.trainer import check_precision
+    from tricks.train.build import resolve_precision
 
     lines = [ln for ln in (ROOT / "README.md").read_text().splitlines()
              if ln.startswith(".venv/bin/tricks train -c")]
@@ -102,9 +102,9 @@ def test_the_readme_offers_a_first_training_command_that_runs_on_a_cpu():
         return load_config(files, overrides).train.precision
 
     cpu = torch.device("cpu")
-    check_precision(precision_of(lines[1]), cpu)
+    resolve_precision(precision_of(lines[1]), cpu)
     with pytest.raises(ConfigError, match="needs a CUDA device"):
-        check_precision(precision_of(lines[0]), cpu)
+        resolve_precision(precision_of(lines[0]), cpu)
 
 
 def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch, capsys):

@@ -208,7 +208,7 @@ def test_compiled_training_with_fused_sgd(shapes_records, tmp_path, monkeypatch)
                            "train.log_every=1", "train.cudnn_benchmark=false"])
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # restored afterwards
     t, losses = _run(cfg, monkeypatch)
-    assert t.net is not t.model and len(losses) == 4
+    assert t.wrapped is not t.model and len(losses) == 4
     assert not torch.backends.cudnn.benchmark
     assert t.optimizer.defaults["fused"]
     assert all(math.isfinite(v) for v in losses.values())

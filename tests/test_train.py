@@ -172,7 +172,7 @@ def test_model_weights_option_loads_a_torchvision_state_dict(tmp_path):
     import torchvision
 
     from tricks.errors import ConfigError
-    from tricks.train.trainer import build_model
+    from tricks.train.build import build_model
 
     tv = torchvision.models.resnet18(num_classes=10).eval()
     torch.save(tv.state_dict(), tmp_path / "r18.pth")

@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from tricks.train.config import ConfigError, load_config
-from tricks.train.trainer import build_model
+from tricks.train.build import build_model
 
 
 @pytest.fixture(scope="module")

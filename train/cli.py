@@ -66,6 +66,8 @@ def get_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=None)
     e.add_argument("--device", default="auto")
     e.add_argument("--workers", type=int, default=None)
+    e.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default: the checkpoint's train.precision (fp16 needs CUDA)")
 
     c = sub.add_parser("convert", help="ImageFolder tree → packed record files")
     c.add_argument("src", help="class folders, or train/ val/ (test/) each with class folders")
@@ -220,42 +222,37 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from contextlib import nullcontext
-
-    import torch
-
     from .checkpoint import load_checkpoint
     from tricks.pipeline.source import resolve_dataset
 
+    from .build import build_model, place_model, resolve_precision, select_device
     from .config import load_config
     from .data import make_val_loader, pick_val_split
     from .loss import SoftTargetCrossEntropy
-    from .trainer import DTYPES, build_model, check_precision, evaluate, select_device
+    from .progress import progress_enabled
+    from .trainer import evaluate
     state = load_checkpoint(args.checkpoint)
     cfg = load_config(base=state["config"])
     device = select_device(args.device)
-    precision = cfg.train.precision
-    if precision == "fp16" and device.type != "cuda":
-        precision = "fp32"  # a model trained in fp16 evaluates fine in fp32 on the CPU
-    check_precision(precision, device)
-    dtype = DTYPES[precision]
+    fix = "evaluate with --precision fp32 (or bf16) on the CPU"
+    precision = resolve_precision(args.precision, device, "--precision", fix) if args.precision \
+        else resolve_precision(cfg.train.precision, device, "the checkpoint's train.precision",
+                               fix)
     root = resolve_dataset(args.data, cfg.data.max_side, cfg.data.quality)
     split = pick_val_split(root, args.split)
     if split is None:
         raise UserError(f"{root} has no validation split; name one with --split")
-    loader = make_val_loader(cfg, root, split, device, dtype, batch=args.batch,
+    loader = make_val_loader(cfg, root, split, device, precision.dtype, batch=args.batch,
                              workers=args.workers)
     if loader.classes != state.get("classes", loader.classes):
         raise UserError(f"{root}: its class list differs from the checkpoint's")
     cfg.model.weights = None
     model = build_model(cfg, loader.num_classes)
     model.load_state_dict(state["model"])
-    model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
+    model = place_model(model, device, cfg.train.channels_last)
+    autocast = precision.autocast()
     result = evaluate(model, loader, SoftTargetCrossEntropy(loader.num_classes), autocast,
-                      progress=True)
+                      progress=progress_enabled(True))
     loader.close()
     # the same words and units as `tricks train`'s epoch line; then the record, as fractions
     print(f"{split}: top-1 {100 * result['val_top1']:.2f}%, top-5 {100 * result['val_top5']:.2f}%"

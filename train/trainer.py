@@ -2,7 +2,6 @@
 DDP under torchrun, gradient accumulation, distillation, EMA, signal-safe stops."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import signal
@@ -10,32 +9,31 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tricks.errors import ConfigError, UserError
-from tricks.models import create_model, load_torchvision_state_dict
-from tricks.models.torchvision_weights import load_weights
 from tricks.pipeline import atomic
 from tricks.pipeline.source import resolve_dataset
 
 from . import distributed
+from .build import (build_model, build_teacher, place_model, resolve_precision,
+                    select_device, wrap_model)
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .compiler import require_compiler
 from .config import Config, dump_config
 from .data import make_loaders
 from .distill import DistillationLoss
 from .ema import ExponentialMovingAverage
 from .loss import SoftTargetCrossEntropy
+from .meter import EpochMeter, accuracy_counts
 from .observe import Observer
 from .optim import build_optimizer, fp16_sync_note
+from .progress import progress_enabled
+from .resume import check_resumable, resume_key, truncate_logs
 from .rundir import environment, make_run_dir
 from .schedule import lr_at, scaled_lr, schedule_args
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the signals that stop a run with a checkpoint (SIGHUP: not on Windows)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP")
                      if hasattr(signal, name))
@@ -47,93 +45,6 @@ class Stopped(Exception):
     def __init__(self, signum: int, checkpoint):
         super().__init__(f"stopped by signal {signum}; checkpoint: {checkpoint}")
         self.signum = signum
-
-
-def select_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
-
-
-def _load_weights(model: nn.Module, path: str, what: str, strict: bool = True,
-                  log=print) -> None:
-    """Load one of our checkpoints (its model) or a torchvision state dict into ``model``;
-    ``strict=False`` leaves out a classifier of another shape, said in one line. Raises
-    ``ConfigError`` (one line) for a missing file or weights that do not fit."""
-    if not Path(path).is_file():
-        raise ConfigError(f"{what}: file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    ours = isinstance(state, dict) and "format_version" in state
-    try:
-        left_out = load_weights(model, state["model"], strict) if ours \
-            else load_torchvision_state_dict(model, state, strict)
-    except ValueError as e:
-        raise ConfigError(f"{what}={path}: {e}") from None
-    if left_out:
-        saved = (state["model"] if ours else state)[left_out[0]]
-        log(f"{what}={path}: loaded all but the classifier ({', '.join(left_out)}: "
-            f"{saved.shape[0]} outputs in the weights, {model.state_dict()[left_out[0]].shape[0]}"
-            " classes here), which starts from its initialization")
-
-
-def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
-    """The configured model for ``num_classes``, with ``model.weights`` loaded (whole, or all
-    but the classifier with ``model.weights_strict=false``)."""
-    m = cfg.model
-    try:
-        model = create_model(m.name, num_classes=num_classes, cifar_stem=m.cifar_stem,
-                             width=m.width, zero_init_last=m.zero_init_last, init=m.init)
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
-    if m.weights:
-        _load_weights(model, m.weights, "model.weights", m.weights_strict, log)
-    return model
-
-
-def build_teacher(cfg: Config, num_classes: int) -> nn.Module:
-    """The teacher: our checkpoint (its own model settings) or a torchvision state dict."""
-    t = cfg.teacher
-    if not Path(t.checkpoint).is_file():
-        raise ConfigError(f"teacher.checkpoint: file not found: {t.checkpoint}")
-    state = torch.load(t.checkpoint, map_location="cpu", weights_only=False)
-    ours = isinstance(state, dict) and "format_version" in state
-    mcfg = dict(state["config"]["model"]) if ours else {}
-    name = t.model or mcfg.get("name")
-    if name is None:
-        raise ConfigError("teacher.model: name the teacher's model (the checkpoint is not ours)")
-    try:
-        model = create_model(name, num_classes=num_classes,
-                             cifar_stem=mcfg.get("cifar_stem", False), width=mcfg.get("width", 64))
-    except ValueError as e:
-        raise ConfigError(f"teacher: {e}") from None
-    try:
-        if ours:
-            model.load_state_dict(state["model"])
-        else:
-            load_torchvision_state_dict(model, state)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"teacher.checkpoint={t.checkpoint} does not fit {name} with "
-                          f"{num_classes} classes ({str(e).splitlines()[0]})") from None
-    model.eval().requires_grad_(False)
-    return model
-
-
-def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
-    """Correct top-k predictions, as device tensors (no host sync)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hit = top == labels[:, None]
-    return [hit[:, :k].any(dim=1).sum() for k in ks]
 
 
 def train_step(model, images, targets, criterion, optimizer, scaler, autocast, accumulate=1,
@@ -196,26 +107,6 @@ def evaluate(model, loader, criterion, autocast, progress: bool = False, prefix:
             f"{prefix}_images": int(n)}
 
 
-def dataset_identity(loader) -> dict:
-    """What a training position depends on in the data: the record count, the class list and a
-    cheap fingerprint of the record index (offsets, lengths, labels, sizes: changes when any
-    image is added, removed, relabelled or re-encoded), not a hash of the pixels."""
-    digest = hashlib.blake2b(np.ascontiguousarray(loader.records.index).tobytes(),
-                             digest_size=8)
-    digest.update(json.dumps(loader.classes).encode())
-    return {"records": len(loader.records), "classes": len(loader.classes),
-            "index": digest.hexdigest()}
-
-
-def resume_key(cfg: Config, loader) -> dict:
-    """What a checkpoint's position (iteration, epoch, batch in the epoch) means: the global
-    batch it counts in, the dataset it indexes and the model it holds. A resume with any of
-    these changed is refused (``Trainer._check_resumable``)."""
-    m = cfg.model
-    return {"train.batch": cfg.train.batch, "dataset": dataset_identity(loader),
-            "model": {"name": m.name, "width": m.width, "cifar_stem": m.cifar_stem}}
-
-
 def progressive_size(schedule: list, epoch: int, default: int) -> int:
     """The training resolution of ``epoch``: the last [start_epoch, size] that has begun."""
     size = default
@@ -226,27 +117,49 @@ def progressive_size(schedule: list, epoch: int, default: int) -> int:
 
 
 class Trainer:
+    """A run: built from ``cfg`` (or resumed from the checkpoint ``resume`` at the exact
+    iteration it stopped), trained by ``fit``. ``model`` is the bare module (what checkpoints,
+    EMA and evaluation use); ``wrapped`` is what the step calls (``model`` under DDP and/or
+    ``torch.compile``, or ``model`` itself)."""
+
     def __init__(self, cfg: Config, resume: str | None = None, progress: bool = True,
                  log=print):
         self.cfg = cfg
-        t = cfg.train
         state = load_checkpoint(resume) if resume else None
-        device_type = select_device(t.device).type
-        self.dist = distributed.init(device_type)
+        self._set_up_process(progress, log)
+        torch.manual_seed(cfg.train.seed)
+        # the order below is the order the seeded generator is drawn from: keep it
+        self._build_data()
+        self._build_model()
+        self._build_optimization()
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.best_top1 = 0.0
+        self._meter: EpochMeter | None = None  # the current epoch's sums (train_epoch)
+        self._resumed_sums: dict | None = None  # a resumed epoch's sums so far (_restore)
+        self._signal: int | None = None
+        self._first_bad = torch.full((), math.inf, device=self.device, dtype=torch.float64)
+        self._open_run(state)
+
+    # --- set-up --------------------------------------------------------------------------------
+    def _set_up_process(self, progress: bool, log) -> None:
+        """This process's rank, device and precision; settings the machine cannot run refused."""
+        t = self.cfg.train
+        self.dist = distributed.init(select_device(t.device).type)
         self.main = self.dist.is_main
         self.log = log if self.main else (lambda *a, **k: None)
-        self.progress = progress and self.main
+        self.progress = progress_enabled(progress) and self.main
         self.device = select_device(t.device, self.dist.local_rank)
-        check_precision(t.precision, self.device)
+        self.precision = resolve_precision(t.precision, self.device)
         if t.sync_bn and self.device.type != "cuda":
             raise ConfigError("train.sync_bn needs CUDA: torch has no SyncBatchNorm on the CPU")
         world = self.dist.world_size
         if t.batch % (world * t.accumulate):
             raise ConfigError(f"train.batch={t.batch} must divide by world size ({world}) × "
                               f"train.accumulate ({t.accumulate})")
-        torch.manual_seed(t.seed)
-        self.dtype = DTYPES[t.precision]
+        self.dtype = self.precision.dtype
 
+    def _build_data(self) -> None:
+        cfg = self.cfg
         # the main rank converts (or re-converts a changed tree) first; the others then find
         # the cache current: no two ranks write or delete the same cache folder at once
         if not self.main:
@@ -255,84 +168,69 @@ class Trainer:
                                          self.log)
         if self.main:
             distributed.barrier()
-        self.train_loader, self.val_loader = make_loaders(cfg, self.data_root, self.device,
-                                                          self.dtype, self.dist.rank, world)
+        self.train_loader, self.val_loader = make_loaders(
+            cfg, self.data_root, self.device, self.dtype, self.dist.rank, self.dist.world_size)
         self.num_classes = self.train_loader.num_classes
+        self.steps_per_epoch = len(self.train_loader)
         if self.val_loader is None:
             self.log(f"no validation split in {self.data_root} (it has only "
                      f"{cfg.data.train_split!r}): training without evaluation")
+
+    def _build_model(self) -> None:
+        """The model, what the step calls, the EMA, the teacher and the losses."""
+        cfg, t = self.cfg, self.cfg.train
         model = build_model(cfg, self.num_classes, self.log)
         if t.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = model.to(self.device)
-        if t.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.net = model
-        if self.dist.enabled:
-            # broadcast_buffers=False: no broadcast of every BN buffer before each forward; each
-            # rank's running statistics follow its own shard and ``evaluate`` averages them
-            # over the ranks first (timm's distribute_bn, "reduce"). gradient_as_bucket_view:
-            # the gradients are the all-reduce buckets (no copy, one gradient-sized buffer
-            # less). static_graph only without accumulation: with no_sync() it crashes or stops
-            # all-reducing (pytorch/pytorch#187732, huggingface/accelerate#3679).
-            self.net = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, gradient_as_bucket_view=True,
-                static_graph=t.accumulate == 1)
-        torch.backends.cudnn.benchmark = t.cudnn_benchmark
-        if t.compile:
-            require_compiler(self.device.type)  # one line now, not a traceback in step 1
-            self.net = torch.compile(self.net, mode=t.compile_mode)
+        self.model = place_model(model, self.device, t.channels_last)
+        self.wrapped = wrap_model(self.model, self.device, self.dist.enabled, t)
         # our EMA, not AveragedModel: no blocking copy of its update count per step
-        self.ema = ExponentialMovingAverage(model, t.ema_decay) if t.ema_decay else None
+        self.ema = ExponentialMovingAverage(self.model, t.ema_decay) if t.ema_decay else None
         self.teacher = None
-        base = SoftTargetCrossEntropy(self.num_classes, t.label_smoothing)
-        self.criterion = base
+        self.criterion = SoftTargetCrossEntropy(self.num_classes, t.label_smoothing)
         if cfg.teacher.checkpoint:
-            teacher = build_teacher(cfg, self.num_classes).to(self.device)
-            self.teacher = teacher.to(memory_format=torch.channels_last) if t.channels_last \
-                else teacher
-            self.criterion = DistillationLoss(base, cfg.teacher.temperature, cfg.teacher.weight)
+            self.teacher = place_model(build_teacher(cfg, self.num_classes), self.device,
+                                       t.channels_last)
+            self.criterion = DistillationLoss(self.criterion, cfg.teacher.temperature,
+                                              cfg.teacher.weight)
         self.eval_criterion = SoftTargetCrossEntropy(self.num_classes)
-        o = cfg.optim
-        self.peak_lr = scaled_lr(o.lr, t.batch, o.lr_scaling)
-        self.optimizer = build_optimizer(model, o.name, self.peak_lr, o.momentum, o.nesterov,
-                                         o.weight_decay, o.no_bias_decay, o.final_lr, o.gamma,
-                                         o.betas, o.eps, o.fused)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+
+    def _build_optimization(self) -> None:
+        """The optimizer at the scaled peak LR, the loss scaler, autocast and the schedule."""
+        cfg, o = self.cfg, self.cfg.optim
+        self.peak_lr = scaled_lr(o.lr, cfg.train.batch, o.lr_scaling)
+        self.optimizer = build_optimizer(self.model, o.name, self.peak_lr, o.momentum,
+                                         o.nesterov, o.weight_decay, o.no_bias_decay, o.final_lr,
+                                         o.gamma, o.betas, o.eps, o.fused)
+        self.scaler = self.precision.grad_scaler()
         note = fp16_sync_note(self.optimizer, o.name) if self.scaler.is_enabled() else None
         if note:
             self.log(note)
-        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
-                         if t.precision != "fp32" else nullcontext())
-        self.steps_per_epoch = len(self.train_loader)
+        self.autocast = self.precision.autocast()
         s = cfg.schedule
         self.schedule = schedule_args(s.name, s.warmup_epochs, s.step_epochs, s.step_gamma,
-                                      self.peak_lr, self.steps_per_epoch, t.epochs)
+                                      self.peak_lr, self.steps_per_epoch, cfg.train.epochs)
         self.total_steps = self.schedule["total"]
-        self.step, self.epoch, self.position = 0, 0, 0
-        self.best_top1 = 0.0
-        self._acc: dict | None = None   # the current epoch's accumulators (see train_epoch)
-        self._restored_acc: dict | None = None
-        self._signal: int | None = None
-        self._first_bad = torch.full((), math.inf, device=self.device, dtype=torch.float64)
 
+    def _open_run(self, state: dict | None) -> None:
+        """The run folder (a new one, or the resumed run's, restored to its checkpoint), its
+        config and environment, its files and the observer."""
+        t = self.cfg.train
         self.run_dir = Path(state["path"]).parent if state else None
         if state is not None:
             self._restore(state)
         elif self.main:
             self.run_dir = make_run_dir(t.out, t.name)
         if self.main:
-            atomic.write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            atomic.write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             atomic.write_text(self.run_dir / "env.json", json.dumps(
                 {**environment(self.device, t.seed, str(self.data_root)),
-                 "world_size": world}, indent=1))
+                 "world_size": self.dist.world_size}, indent=1))
         self.checkpoint_path = self.run_dir / "checkpoint.pt" if self.run_dir else None
         self.metrics_path = self.run_dir / "metrics.jsonl" if self.run_dir else None
         self.log_path = self.run_dir / "train_log.jsonl" if self.run_dir else None
         if state is not None and self.main:
-            self._truncate_logs(state)
+            truncate_logs(self.metrics_path, self.log_path, self.epoch, state["step"])
         self.observer = Observer(self.run_dir if self.main else None, t.tensorboard,
                                  self.total_steps, self.step, self.log)
 
@@ -349,28 +247,20 @@ class Trainer:
                 "classes": self.train_loader.classes, "world_size": self.dist.world_size,
                 "resume_key": resume_key(self.cfg, self.train_loader)}
 
-    def _epoch_accumulators(self) -> dict | None:
+    def _sums_so_far(self) -> dict | None:
         """Mid-epoch: this epoch's sums so far, over all ranks (a collective: every rank calls
         it), so a resumed epoch reports the same metrics as an uninterrupted one."""
-        a = self._acc
-        if a is None or self.position >= self.steps_per_epoch:
+        if self._meter is None or self.position >= self.steps_per_epoch:
             return None
-        sums = distributed.all_reduce_sum(torch.cat([
-            a["loss_sum"].reshape(1), a["correct"].double().reshape(1),
-            torch.tensor([float(a["seen"]), float(a["labelled"])], dtype=torch.float64,
-                         device=self.device)]))
-        loss_sum, correct, seen, labelled = sums.tolist()
-        return {"epoch": self.epoch, "loss_sum": loss_sum, "correct": int(correct),
-                "seen": int(seen), "labelled": int(labelled),
-                "wait": self.train_loader.wait_time - a["wait0"],
-                "time": time.perf_counter() - a["t0"]}
+        return self._meter.sums_so_far(self.epoch)
 
     def save(self) -> None:
         """Rank 0 writes the checkpoint, never one that holds a non-finite step."""
         self._check_finite()
-        acc = self._epoch_accumulators()
+        sums = self._sums_so_far()
         if self.main:
-            save_checkpoint(self.checkpoint_path, {**self._state(), "epoch_accumulators": acc})
+            # "epoch_accumulators": the key checkpoints have always held these sums under
+            save_checkpoint(self.checkpoint_path, {**self._state(), "epoch_accumulators": sums})
 
     def _check_finite(self, bad: float | None = None) -> None:
         """Raise if a step's loss was not finite; ``bad``: ``_first_bad`` already read back."""
@@ -380,29 +270,9 @@ class Trainer:
                 if self.checkpoint_path and self.checkpoint_path.exists() else "no checkpoint yet"
             raise UserError(f"the loss became NaN or infinite at iteration {int(bad)}; {last}")
 
-    def _check_resumable(self, state: dict) -> None:
-        """Refuse, in one line naming it, a resume whose position would mean something else."""
-        saved, now = state.get("resume_key"), resume_key(self.cfg, self.train_loader)
-        if saved is None:
-            return  # a checkpoint from before the key was recorded: nothing to compare
-        where = state["path"]
-        if saved["train.batch"] != now["train.batch"]:
-            raise UserError(f"cannot resume {where}: train.batch changed from "
-                            f"{saved['train.batch']} to {now['train.batch']} (the position and "
-                            "the schedule are counted in global batches); resume with "
-                            f"train.batch={saved['train.batch']}")
-        if saved["dataset"] != now["dataset"]:
-            diff = ", ".join(f"{k} {saved['dataset'][k]} → {now['dataset'][k]}"
-                             for k in saved["dataset"] if saved["dataset"][k] != now["dataset"][k])
-            raise UserError(f"cannot resume {where}: the training data changed ({diff}) at "
-                            f"{self.data_root}; resume with the dataset the run started on")
-        if saved["model"] != now["model"]:
-            diff = ", ".join(f"model.{k} {saved['model'][k]} → {now['model'][k]}"
-                             for k in saved["model"] if saved["model"][k] != now["model"][k])
-            raise UserError(f"cannot resume {where}: the model changed ({diff})")
-
     def _restore(self, state: dict) -> None:
-        self._check_resumable(state)
+        """Continue from ``state`` (``resume.py``: what is restored, and what is refused)."""
+        check_resumable(state, resume_key(self.cfg, self.train_loader), self.data_root)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -412,23 +282,13 @@ class Trainer:
         self.best_top1 = state.get("best_top1", 0.0)
         if self.position >= self.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        acc = state.get("epoch_accumulators")
-        if acc is not None and acc["epoch"] == self.epoch and self.position > 0:
-            self._restored_acc = acc
+        sums = state.get("epoch_accumulators")
+        if sums is not None and sums["epoch"] == self.epoch and self.position > 0:
+            self._resumed_sums = sums
         set_rng_state(state["rng"])
         # epochs and batches counted from 1, as in the log and metrics.jsonl
         self.log(f"resumed from {state['path']} in epoch {self.epoch + 1} after batch "
                  f"{self.position} of {self.steps_per_epoch} (iteration {self.step})")
-
-    def _truncate_logs(self, state: dict) -> None:
-        """Drop log lines written after the checkpoint (by a run that was then killed)."""
-        done = self.epoch  # epochs completed at the checkpoint
-        for path, keep in ((self.metrics_path, lambda r: r["epoch"] <= done),
-                           (self.log_path, lambda r: r["step"] <= state["step"])):
-            if path.exists():
-                rows = [ln for ln in path.read_text().splitlines()
-                        if ln.strip() and keep(json.loads(ln))]
-                atomic.write_text(path, "".join(r + "\n" for r in rows))
 
     # --- signals -------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -506,85 +366,61 @@ class Trainer:
         return last
 
     def train_epoch(self) -> dict:
-        cfg, loader = self.cfg, self.train_loader
-        t = cfg.train
-        self.net.train()
+        cfg, loader, t = self.cfg, self.train_loader, self.cfg.train
+        self.wrapped.train()
         size = progressive_size(cfg.data.progressive, self.epoch, cfg.data.image_size)
         loader.set_image_size(size)
         loader.set_epoch(self.epoch, self.position)
         loader.set_mix(self.epoch < t.epochs - cfg.mix.off_last_epochs)
-        dev = self.device
-        # the epoch's accumulators; a resumed epoch starts from the checkpoint's sums (on rank 0:
-        # they are totals over the ranks), its time and data wait from those already spent
-        prior = self._restored_acc or {"loss_sum": 0.0, "correct": 0, "seen": 0,
-                                       "labelled": 0, "wait": 0.0, "time": 0.0}
-        if not self.main:
-            prior = {**prior, "loss_sum": 0.0, "correct": 0, "seen": 0, "labelled": 0}
-        self._restored_acc = None
-        acc = self._acc = {
-            "loss_sum": torch.full((), prior["loss_sum"], device=dev, dtype=torch.float64),
-            "correct": torch.full((), prior["correct"], device=dev, dtype=torch.long),
-            "seen": prior["seen"], "labelled": prior["labelled"],
-            "wait0": loader.wait_time - prior["wait"], "t0": time.perf_counter() - prior["time"]}
-        loss_sum, correct = acc["loss_sum"], acc["correct"]
-        window = torch.zeros((), device=dev, dtype=torch.float64)
-        in_window = 0
-        wait0, t0 = acc["wait0"], acc["t0"]
+        meter = self._meter = EpochMeter(loader, self.device, self._resumed_sums, self.main)
+        self._resumed_sums = None
         fallbacks0 = loader.fallbacks
         bar = tqdm(total=self.steps_per_epoch, initial=self.position, leave=False,
                    desc=f"epoch {self.epoch + 1}/{t.epochs} ({size}px)", unit="it",
                    disable=not self.progress, mininterval=1.0)
-        for images, targets in loader:
-            if self.step == 0:
-                self.observer.first_batch(images, targets, loader, self.step)
-            self.step += 1
-            lr = self.lr(self.step)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            loss, logits = train_step(self.net, images, targets, self.criterion, self.optimizer,
-                                      self.scaler, self.autocast, t.accumulate, self.teacher)
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
-            self.position = loader.position
-            self._first_bad = torch.minimum(self._first_bad, torch.where(
-                torch.isfinite(loss), math.inf, float(self.step)))
-            loss_sum += loss.double() * len(images)
-            window += loss.double()
-            acc["seen"] += len(images)
-            in_window += 1
-            if targets.ndim == 1:
-                correct += accuracy_counts(logits, targets, ks=(1,))[0]
-                acc["labelled"] += len(images)
-            bar.update()
-            if self.step % t.log_every == 0:
-                self._log_window(window, in_window, lr, bar, acc["seen"],
-                                 loader.wait_time - wait0, t0)
-                window.zero_()
-                in_window = 0
-                if self._stop_requested():
+        with bar:  # closed (its line cleared) also when a stop leaves the loop
+            for images, targets in loader:
+                self._train_step(images, targets, meter)
+                bar.update()
+                if self.step % t.log_every == 0:
+                    self._log_window(meter, bar)
+                    if self._stop_requested():
+                        self._stop()
+                elif not self.dist.enabled and self._signal is not None:
                     self._stop()
-            elif not self.dist.enabled and self._signal is not None:
-                self._stop()
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0 \
-                    and self.position < self.steps_per_epoch:
-                self.save()
-        bar.close()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        elapsed = time.perf_counter() - t0
-        self._acc = None
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 \
+                        and self.position < self.steps_per_epoch:
+                    self.save()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - meter.t0
+        self._meter = None
         self._check_finite()
-        totals = distributed.all_reduce_sum(torch.stack([
-            loss_sum, torch.tensor(float(acc["seen"]), device=dev, dtype=torch.float64),
-            correct.double(),
-            torch.tensor(float(acc["labelled"]), device=dev, dtype=torch.float64)]))
-        loss_total, seen_all, correct_all, labelled_all = totals.tolist()
+        loss_total, seen_all, correct_all, labelled_all = meter.totals()
         record = {"epoch": self.epoch + 1, "step": self.step, "lr": self.lr(self.step),
                   "image_size": size, "train_loss": loss_total / max(seen_all, 1),
                   "train_top1": correct_all / labelled_all if labelled_all else None,
                   "images_per_s": seen_all / elapsed,
-                  "data_wait": (loader.wait_time - wait0) / elapsed, "epoch_time_s": elapsed}
+                  "data_wait": meter.waited() / elapsed, "epoch_time_s": elapsed}
         return {**record, **self._data_faults(loader, fallbacks0)}
+
+    def _train_step(self, images, targets, meter: EpochMeter) -> None:
+        """One iteration: its LR, the step, the EMA, the position and the sums."""
+        if self.step == 0:
+            self.observer.first_batch(images, targets, self.train_loader, self.step)
+        self.step += 1
+        lr = self.lr(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss, logits = train_step(self.wrapped, images, targets, self.criterion, self.optimizer,
+                                  self.scaler, self.autocast, self.cfg.train.accumulate,
+                                  self.teacher)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.position = self.train_loader.position
+        self._first_bad = torch.minimum(self._first_bad, torch.where(
+            torch.isfinite(loss), math.inf, float(self.step)))
+        meter.add(loss, logits, targets)
 
     def _data_faults(self, loader, fallbacks0: int) -> dict:
         """This epoch's bad records (named once: pipeline.bad_records) and Pillow fallbacks,
@@ -601,18 +437,21 @@ class Trainer:
             out["pillow_fallbacks"] = fallbacks
         return out
 
-    def _log_window(self, window, steps, lr, bar, seen, waited, t0) -> None:
+    def _log_window(self, meter: EpochMeter, bar) -> None:
         """The one host sync every ``log_every`` steps: the window's loss and the first
-        non-finite step, read back together."""
-        total, bad = torch.stack([distributed.all_reduce_sum(window.clone()),
+        non-finite step, read back together; the window then starts again."""
+        total, bad = torch.stack([distributed.all_reduce_sum(meter.window.clone()),
                                   self._first_bad]).tolist()
-        mean = total / (steps * self.dist.world_size)
+        mean = total / (meter.in_window * self.dist.world_size)
+        meter.reset_window()
         self._check_finite(bad)
+        lr = self.lr(self.step)
         if self.main:
             atomic.append_line(self.log_path, json.dumps(
                 {"step": self.step, "epoch": self.epoch + 1, "lr": lr, "loss": mean}))
-        elapsed = time.perf_counter() - t0
-        img_s, wait = seen * self.dist.world_size / elapsed, waited / elapsed
+        elapsed = time.perf_counter() - meter.t0
+        img_s = meter.seen * self.dist.world_size / elapsed
+        wait = meter.waited() / elapsed
         self.observer.window(self.step, mean, lr, img_s, wait)
         bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}",
                         wait=f"{100 * wait:.0f}%", run_eta=self.observer.eta(self.step))
