@@ -45,7 +45,8 @@ from tricks.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
 from tricks.train.config import preset_path as config_path
 from tricks.train.config import Config, load_config
 from tricks.train.schedule import scaled_lr
-from tricks.train.trainer import Trainer, build_model
+from tricks.train.build import build_model
+from tricks.train.trainer import Trainer
 
 
 def plain_loop(cfg: Config, tree: Path, device: torch.device, workers: int,

@@ -43,8 +43,6 @@ import torch
 from tricks.errors import exit_on_user_error
 from tricks.models import create_model, default_input_size
 from tricks.pipeline import Engine, Loader, Output
-from tricks.pipeline.augment import ColorJitter, Lighting, RandomErasing
-from tricks.pipeline.mix import Mixup
 from tricks.pipeline.records import read_classes
 from tricks.pipeline.sampling import keyed_generator
 from tricks.pipeline.stages import Stages
@@ -56,6 +54,7 @@ from tricks.train.schedule import lr_at, scaled_lr
 from tricks.train.trainer import train_step
 
 from .report import render
+from .stack import trick_stack
 from .results import (IMAGENET_TRAIN, OUT_HELP, Timer, entry, parse_models, resolve_device,
                       write_results)
 
@@ -78,11 +77,6 @@ def fp32_precision(strict: bool):
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def trick_stack() -> tuple[list, Mixup]:
-    """The augment ops and the mix op of ``efficient-stack``."""
-    return [ColorJitter(), Lighting(), RandomErasing()], Mixup(0.2)
 
 
 def _engine(args, name: str) -> Engine:
