@@ -97,7 +97,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     train, val, num_classes = make_loaders(args, device, world > 1)
-    model = torchvision.models.get_model(args.arch, num_classes=num_classes).to(device)
+    model = torchvision.models.get_model(args.arch, num_classes=num_classes)
+    model = model.to(device, memory_format=torch.channels_last)  # the Loader's batch layout
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
                                                     if device.type == "cuda" else None)

@@ -69,8 +69,9 @@ class BadRecords:
         if error.index is None or error.path != str(self.records.path):
             raise error
         if self.policy == "stop":
-            raise RecordError(f"{error} (data.on_bad_record=skip skips such records; "
-                              f"`tricks verify {self.records.path.parent}` lists them)",
+            raise RecordError(f"{error} (Loader(on_bad_record='skip'), data.on_bad_record=skip "
+                              f"in tricks train, skips such records; `tricks verify "
+                              f"{self.records.path.parent}` lists them)",
                               error.path, error.index, error.reason) from None
         i = int(error.index)
         if i in self.bad:  # its substitute was the one that failed: cannot happen twice

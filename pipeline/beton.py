@@ -52,12 +52,23 @@ def write_beton(records_path: str | os.PathLike, out: str | os.PathLike | None =
                 write_mode: str = "jpg", max_resolution: int | None = None,
                 jpeg_quality: int = 90, compress_probability: float = 0.5,
                 workers: int = 2) -> Path:
-    fields, _, _, _ = import_ffcv()
-    from ffcv.writer import DatasetWriter  # after import_ffcv, which restores torch's threads
-
     if write_mode not in ("jpg", "raw", "proportion", "smart"):
         raise OptionError(f"beton write mode must be jpg, raw, proportion or smart, got "
                           f"{write_mode!r}")
+    # checked here: FFCV's writer processes die on a bad value (OpenCV asserts) and its parent
+    # then waits for them forever
+    if max_resolution is not None and (not isinstance(max_resolution, int) or
+                                       max_resolution < 1):
+        raise OptionError(f"beton max resolution must be a positive number of pixels, got "
+                          f"{max_resolution!r}")
+    if not (isinstance(jpeg_quality, int) and 1 <= jpeg_quality <= 100):
+        raise OptionError(f"beton JPEG quality must be in 1..100, got {jpeg_quality!r}")
+    if not 0 <= compress_probability <= 1:
+        raise OptionError(f"beton compress probability must be in [0, 1], got "
+                          f"{compress_probability!r}")
+    fields, _, _, _ = import_ffcv()
+    from ffcv.writer import DatasetWriter  # after import_ffcv, which restores torch's threads
+
     records = RecordFile(records_path)
     out = Path(out) if out else records.path.with_suffix(".beton")
     tmp = out.with_name(f".{out.name}.tmp")

@@ -645,7 +645,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_side: int | N
     """
     if resize not in RESIZE_FILTERS:
         raise OptionError(f"resize filter {resize!r}: choose one of {', '.join(RESIZE_FILTERS)}")
+    if max_side is not None and (not isinstance(max_side, int) or max_side < 1):
+        raise OptionError(f"max side must be a positive number of pixels, got {max_side!r}")
+    if not (isinstance(quality, int) and 1 <= quality <= 100):
+        raise OptionError(f"JPEG quality must be in 1..100, got {quality!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise OptionError(f"workers must be an integer ≥ 0 (0: in this process), got {workers!r}")
     src, dst = Path(src), Path(dst)
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise DataError(f"{dst}: inside the source tree {src}, where it would be read as a "
+                        "class (or split) the next time: convert into a folder outside it")
     walk = _Walk(src) if walk is None else walk
     splits, classes = discover(src, val_labels, walk)
     train = next((s for s in splits if s.name == TRAIN_SPLIT), None)
@@ -752,7 +761,9 @@ def _convert_locked(src, dst, part, splits, classes, options, walk, workers, str
     total = sum(len(s.files) for s in splits)
     bar = tqdm(total=total, initial=total - sum(
         min(CHUNK, len(splits[s].files) - c * CHUNK) for s, c in jobs),
-        desc=f"convert {src.name}", unit="img", disable=not progress, smoothing=0.05,
+        # disable=None: no bar where stderr is not a terminal (no carriage returns in a log)
+        desc=f"convert {src.name}", unit="img", disable=None if progress else True,
+        smoothing=0.05,
         leave=False)
     workers = (os.cpu_count() or 1) if workers is None else workers
     pool = mp.get_context("fork").Pool(workers) if workers > 0 and jobs else None

@@ -30,7 +30,7 @@ from .options import (CenterCrop, Crop, Engine, Output, PadCrop, RandomResizedCr
 from .records import RecordFile, list_splits, read_classes, split_path
 from .sampling import EpochPlan
 from .source import pairs_tree, resolve_dataset
-from .stages import AugmentOp, BatchContext, MixOp, Stages, Translate
+from .stages import AugmentOp, BatchContext, MixOp, Stages, Translate, check_augment
 
 
 class Batch(NamedTuple):
@@ -105,6 +105,7 @@ class Loader:
         check_positive_int("Loader(batch_size)", batch_size)
         check_positive_int("Loader(image_size)", image_size)
         self.device = check_device(device)
+        augment = check_augment(augment)
         train = split == "train" if train is None else bool(train)
         crop = check_crop(crop, train)
         sampling = sampling or Sampling()
@@ -163,7 +164,6 @@ class Loader:
                                   f"{image_size}² image")
             translate = Translate(crop.pad, crop.fill, crop.mode,
                                   lambda e, b: self.plan.shifts(e, b, crop.pad))
-        augment = list(augment)
         before = [op for op in augment if not getattr(op, "after_normalize", False)]
         # the one place the normalize stage may move into the engine: float32 out, and no
         # stage before it that needs uint8 or [0, 1] pixels
@@ -274,12 +274,20 @@ class Loader:
             OptionError: the state was saved by a loader with another seed, global batch or
                 record count (the position would name other images).
         """
+        if not isinstance(state, dict):
+            raise OptionError(f"load_state_dict: give what state_dict() returned (a dict), got "
+                              f"{type(state).__name__}")
         for key, mine in (("seed", self.seed), ("global_batch_size", self.global_batch_size),
                           ("records", len(self.records))):
             if key in state and state[key] != mine:
                 raise OptionError(f"load_state_dict: the state's {key} is {state[key]}, this "
                                   f"loader's {mine}: it would resume on other images")
-        self.set_epoch(int(state["epoch"]), int(state["position"]))
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError):
+            raise OptionError("load_state_dict: not a Loader state (it needs integer 'epoch' "
+                              "and 'position': give what state_dict() returned)") from None
+        self.set_epoch(epoch, position)
 
     # --- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:

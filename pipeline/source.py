@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import numbers
 import os
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from tricks.errors import DataError, DiskError
 
@@ -104,7 +107,9 @@ def pairs_tree(pairs, split: str, log=print) -> Path:
         raise DataError(f"{len(missing)} of the {len(rows)} listed image(s) do not exist, first "
                         f"{missing[0]}")
     labels = [label for _, label in rows]
-    if all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
+    if all(isinstance(y, numbers.Integral) and not isinstance(y, (bool, np.bool_))
+           for y in labels):  # numpy's integers too (a pandas column)
+        labels = [int(y) for y in labels]
         if min(labels) < 0:
             raise OptionError(f"Loader(source=…): label {min(labels)} is negative")
         unused = sorted(set(range(max(labels) + 1)) - set(labels))
@@ -118,7 +123,7 @@ def pairs_tree(pairs, split: str, log=print) -> Path:
         names = [f"{y:0{width}d}" for y in labels]
         classes = [f"{y:0{width}d}" for y in range(max(labels) + 1)]
     elif all(isinstance(y, str) and y and "/" not in y and not y.startswith(".")
-             for y in labels):
+             for y in labels):  # numpy's str_ is a str
         names, classes = labels, sorted(set(labels))
     else:
         raise OptionError("Loader(source=…): labels must all be integers ≥ 0 or all be class "

@@ -120,12 +120,32 @@ def _takes_a_batch(op) -> str | None:
 def check_augment(ops: Sequence, hook: str = "augment") -> list:
     """The augment ops as a list, or ``OptionError`` naming the hook and position of the first
     that is not a batch op."""
-    ops = list(ops)
+    if callable(ops) or isinstance(ops, (str, bytes)):
+        raise OptionError(f"{hook}= takes a list of batch ops, got one object ({ops!r}): "
+                          f"pass [op]")
+    try:
+        ops = list(ops)
+    except TypeError:
+        raise OptionError(f"{hook}= takes a list of batch ops, got {ops!r}") from None
     for i, op in enumerate(ops):
         why = _takes_a_batch(op)
         if why is not None:
             raise OptionError(f"{hook}[{i}]: {why}")
     return ops
+
+
+def _apply(op, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``op(x, gen)``, checked to keep the batch's contract (a tensor of x's shape, dtype and
+    device: metadata only, no sync); ``OptionError`` naming the op otherwise."""
+    y = op(x, gen)
+    if not isinstance(y, torch.Tensor):
+        raise OptionError(f"augment op {op!r} returned {type(y).__name__}, not the batch (an "
+                          "in-place op must still return its tensor)")
+    if y.shape != x.shape or y.dtype != x.dtype or y.device != x.device:
+        raise OptionError(f"augment op {op!r} turned the {tuple(x.shape)} {x.dtype} batch on "
+                          f"{x.device} into {tuple(y.shape)} {y.dtype} on {y.device}: a batch "
+                          "op keeps shape, dtype and device")
+    return y
 
 
 class Stages:
@@ -216,7 +236,7 @@ class Stages:
         if self.before:
             x = images.to(self.dtype).mul_(1 / 255)
             for op in self.before:
-                x = op(x, ctx.generator)
+                x = _apply(op, x, ctx.generator)
             return x.sub_(const("mean")).div_(const("std"))
         if self._cpu_rows(images):
             return self._normalize_rows(images)
@@ -239,7 +259,7 @@ class Stages:
         else:
             x = self._normalized(images, ctx)
             for op in self.after:
-                x = op(x, ctx.generator)
+                x = _apply(op, x, ctx.generator)
             if self.mix is not None and mix:
                 x, targets = self.mix(x, labels, self.num_classes, ctx.generator)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format

@@ -79,7 +79,8 @@ def verify(path: str | os.PathLike, progress: bool = True, decode: bool = False,
             problems.append(Problem(str(f), None, str(e)))
     total = sum(len(r) for r in opened)
     workers = workers or min(8, os.cpu_count() or 1)
-    with tqdm(total=total, desc="verify", unit="rec", disable=not progress, leave=False) as bar, \
+    with tqdm(total=total, desc="verify", unit="rec", leave=False,
+              disable=None if progress else True) as bar, \
             ThreadPoolExecutor(workers) as pool:
         for r in opened:
             jobs = [pool.submit(_check_chunk, r, lo, min(lo + CHUNK, len(r)), decode)

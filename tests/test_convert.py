@@ -184,6 +184,62 @@ def test_a_file_as_destination_is_a_one_line_error(tmp_path):
     assert "\n" not in str(e.value) and dst.read_text() == "keep me"
 
 
+def test_a_destination_inside_the_source_is_refused(tmp_path):
+    """Converted into the tree it reads, the output would be a class (or split) of that tree the
+    next time it is read (found by a new user: the tree then failed to convert at all)."""
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        (tmp_path / "src" / c / "1.jpg").write_bytes(_jpeg())
+    for dst in (tmp_path / "src" / "rec", tmp_path / "src" / "a" / "rec"):
+        with pytest.raises(DataError, match="inside the source tree") as e:
+            convert(tmp_path / "src", dst, workers=0, progress=False)
+        assert "\n" not in str(e.value) and not dst.exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(max_side=0), "max side must be a positive number of pixels, got 0"),
+    (dict(max_side=-5), "max side must be a positive number of pixels, got -5"),
+    (dict(quality=200), "JPEG quality must be in 1..100, got 200"),
+    (dict(workers=-1), "workers must be an integer ≥ 0"),
+])
+def test_bad_convert_options_are_one_line_errors(tmp_path, options, message):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "1.jpg").write_bytes(_jpeg())
+    from tricks.errors import OptionError
+    with pytest.raises(OptionError, match=message):
+        convert(tmp_path / "src", tmp_path / "out", progress=False, **options)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(max_resolution=0), "beton max resolution must be a positive number of pixels, got 0"),
+    (dict(jpeg_quality=0), "beton JPEG quality must be in 1..100"),
+])
+def test_bad_beton_options_are_refused_before_ffcv_runs(tmp_path, options, message):
+    """FFCV's writer processes die on max_resolution=0 (an OpenCV assertion) and its parent
+    waits for them forever: the value is refused first (FFCV need not be installed)."""
+    from tricks.errors import OptionError
+    from tricks.pipeline.beton import write_beton
+    with pytest.raises(OptionError, match=message):
+        write_beton(tmp_path / "train.rec", **options)
+
+
+def test_a_conversion_writes_no_progress_bar_into_a_pipe(tmp_path):
+    """No carriage returns when stderr is not a terminal (a log, a pipe), as tricks train."""
+    import subprocess
+    import sys
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for k in range(3):
+        (tmp_path / "src" / "a" / f"{k}.jpg").write_bytes(_jpeg())
+    code = ("import sys; from tricks.pipeline.convert import convert; "
+            "convert(sys.argv[1], sys.argv[2], workers=0)")
+    # bytes, not text: text mode would turn the carriage returns into newlines
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "src"),
+                          str(tmp_path / "out")], capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert b"\r" not in run.stdout + run.stderr
+
+
 # --- fidelity: orientation, modes, links, empty classes, large images (issue 13) ----------------
 
 QUADRANTS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))  # TL, TR, BL, BR

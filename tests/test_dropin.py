@@ -128,6 +128,13 @@ def test_a_bad_list_is_one_line(twelve_colours, make, error, message):
     assert "\n" not in str(e.value)
 
 
+def test_numpy_integer_labels_are_integers(twelve_colours):
+    """Labels from a pandas column or a NumPy array (np.int64) are integer labels."""
+    pairs = [(p, np.int64(k)) for p, k in twelve_colours]
+    with _loader(pairs, "val", batch_size=12, image_size=16) as val:
+        assert sorted(int(y) for y in next(iter(val)).targets) == list(range(12))
+
+
 # --- 4. your own transforms ---------------------------------------------------------------------
 
 def test_a_per_sample_torchvision_transform_is_named_and_can_be_wrapped(shapes_records):
@@ -148,6 +155,35 @@ def test_a_per_sample_torchvision_transform_is_named_and_can_be_wrapped(shapes_r
     b = _first(_loader(shapes_records, sampling=Sampling(seed=3), crop=CenterCrop(1.0),
                        augment=flip))
     assert torch.equal(a.images, b.images)  # keyed: the same in another loader (or a resume)
+
+
+def test_one_op_instead_of_a_list_is_one_line(shapes_records):
+    from torchvision.transforms import v2
+    for op in (lambda x, gen: x, v2.RandomHorizontalFlip()):
+        with pytest.raises(OptionError, match=r"augment= takes a list of batch ops, got one "
+                                              r"object .*: pass \[op\]") as e:
+            _loader(shapes_records, augment=op)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("op,message", [
+    (lambda x, gen: None, "returned NoneType, not the batch"),
+    (lambda x, gen: x[:, :, :16, :16], r"turned the \(16, 3, 32, 32\) torch.float32 batch on "
+     r"cpu into \(16, 3, 16, 16\) torch.float32"),
+    (lambda x, gen: x.double(), "into .* torch.float64 on cpu: a batch op keeps shape"),
+])
+def test_an_op_that_breaks_the_batch_is_named(shapes_records, op, message):
+    with pytest.raises(OptionError, match=message) as e:
+        _first(_loader(shapes_records, augment=[op]))
+    assert "\n" not in str(e.value)
+
+
+def test_load_state_dict_of_something_else_is_one_line(shapes_records):
+    loader = _loader(shapes_records)
+    for state in ({"epoch": "x", "position": 0}, {"position": 1}, [0, 1]):
+        with pytest.raises(OptionError, match="load_state_dict: ") as e:
+            loader.load_state_dict(state)
+        assert "\n" not in str(e.value)
 
 
 def test_per_sample_refuses_a_transform_that_changes_the_shape(shapes_records):

@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,10 @@ def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object
     if not path.is_file():
         raise UserError(f"{what}: file not found: {path}")
     try:
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+        # torch warns about a foreign pickle's protocol before refusing it: the one line below
+        # says what matters
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
