@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import shutil
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -225,3 +226,19 @@ def append_line(path: str | os.PathLike, line: str) -> None:
             f.write(line + "\n")
     except OSError as e:
         raise disk_error(e, path, "cannot write") from None
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """A pool initializer: this (forked) worker is killed when ``parent`` dies (Linux's
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)``), so a worker of a conversion killed with ``kill -9``
+    never writes on into files a resumed conversion now owns. Where prctl is missing the worker
+    merely outlives its parent, as before."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (AttributeError, OSError):
+        return
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)

@@ -766,7 +766,8 @@ def _convert_locked(src, dst, part, splits, classes, options, walk, workers, str
         smoothing=0.05,
         leave=False)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    pool = mp.get_context("fork").Pool(workers) if workers > 0 and jobs else None
+    pool = mp.get_context("fork").Pool(workers, atomic.die_with_parent, (os.getpid(),)) \
+        if workers > 0 and jobs else None
     reports = {}
     try:
         journal = open(part / JOURNAL, "ab")

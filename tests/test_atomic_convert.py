@@ -43,9 +43,23 @@ def _digest(folder: Path) -> dict:
             for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _run_killed(src: Path, dst: Path, tmp_path: Path, chunks: int = 2) -> None:
-    """Convert in a subprocess slowed to 20 ms a file, kill -9 it once ``chunks`` chunks are
-    journaled."""
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _run_killed(src: Path, dst: Path, tmp_path: Path, chunks: int = 2, workers: int = 0,
+                delay: float = 0.02) -> list[int]:
+    """Convert in a subprocess slowed to ``delay`` seconds a file, kill -9 it once ``chunks``
+    chunks are journaled; returns the pids of its worker processes at that moment."""
     script = textwrap.dedent(f"""
         import time
         import importlib
@@ -53,10 +67,10 @@ def _run_killed(src: Path, dst: Path, tmp_path: Path, chunks: int = 2) -> None:
         c.CHUNK, c.SYNC_EVERY_S = 4, 0.0
         slow = c.inspect_and_encode
         def encode(*a, **k):
-            time.sleep(0.02)
+            time.sleep({delay})
             return slow(*a, **k)
         c.inspect_and_encode = encode
-        c.convert({str(src)!r}, {str(dst)!r}, workers=0, progress=False)
+        c.convert({str(src)!r}, {str(dst)!r}, workers={workers}, progress=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env=subprocess_env())
     journal = convert_mod.atomic.partial_dir(dst) / convert_mod.JOURNAL
@@ -70,9 +84,11 @@ def _run_killed(src: Path, dst: Path, tmp_path: Path, chunks: int = 2) -> None:
             time.sleep(0.01)
         else:
             pytest.fail("no journal entries within 60 s")
+        children = _children(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    return children
 
 
 def test_kill_9_during_a_reconversion_leaves_the_old_dataset_whole(tmp_path):
@@ -100,6 +116,20 @@ def test_a_killed_first_conversion_is_named_with_its_temporary_folder(tmp_path):
         resolve_dataset(str(dst), log=lambda m: None)
     with pytest.raises(DataError, match="temporary folder of an interrupted conversion"):
         resolve_dataset(str(tmp_path / "out.converting"), log=lambda m: None)
+
+
+def test_the_workers_of_a_killed_conversion_die_with_it(tmp_path):
+    """Orphaned workers went on writing into the temporary files (and printed BrokenPipe
+    tracebacks) after kill -9 of their parent, while a resumed conversion could already own
+    those files."""
+    src, dst = _tree(tmp_path / "src", n=24), tmp_path / "dst"
+    # 0.3 s a file: a worker left alive would still be encoding its chunk (4 files) for a while
+    workers = _run_killed(src, dst, tmp_path, chunks=1, workers=2, delay=0.3)
+    assert len(workers) == 2
+    deadline = time.monotonic() + 0.25
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(map(_alive, workers))
 
 
 def test_a_killed_conversion_resumes_where_it_stopped(tmp_path, monkeypatch):
