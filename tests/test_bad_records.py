@@ -145,3 +145,21 @@ def test_training_reports_bad_records_and_pillow_fallbacks_per_epoch(shapes_reco
     assert [[b["record"] for b in r.get("bad_records", [])] for r in rows] == [[5], []]
     assert sum("decoded by Pillow" in m for m in logs) == 2
     assert sum("skipped bad record 5" in m for m in logs) == 1
+
+
+def test_a_run_stopped_by_a_bad_record_says_only_that(shapes_records, tmp_path):
+    """No 'curves.png not written' before the one line: a run stopped before its first logged
+    step has nothing to plot (found by a new user)."""
+    from tricks.train.config import load_config
+    from tricks.train.trainer import Trainer
+    root = _dataset(shapes_records, tmp_path)
+    cfg = load_config([], ["model.name=resnet18d", "model.width=8", "data.image_size=24",
+                           "data.workers=1", "train.batch=16", "train.epochs=1",
+                           f"data.path={root}", f"train.out={tmp_path / 'runs'}",
+                           "train.name=r", "train.tensorboard=false"])
+    logs = []
+    t = Trainer(cfg, progress=False, log=logs.append)
+    with pytest.raises(RecordError):
+        t.fit()
+    t.close()
+    assert not [m for m in logs if "curves.png" in m], logs

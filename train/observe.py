@@ -112,8 +112,9 @@ class Observer:
                 self.log(f"TensorBoard events not all written: "
                          f"{disk_error(e, self.run_dir, 'cannot write')}")
             self.writer = None
-        if self.run_dir is None:
-            return
+        if self.run_dir is None or not any(
+                (self.run_dir / f).is_file() for f in ("metrics.jsonl", "train_log.jsonl")):
+            return  # stopped before its first logged step: nothing to plot, nothing to say
         from .plot import plot_runs
         try:
             plot_runs([self.run_dir], self.run_dir / "curves.png")
