@@ -128,7 +128,9 @@ def test_every_sample_has_its_own_pixels_and_label_tiny_images_included(runs):
 def test_abandoned_epochs_leave_no_thread_or_memory_behind(runs):
     name, _, _, counts, _ = runs
     python, os_threads, rss = zip(*counts["abandoned"])
-    assert set(python) == {counts["before"][0]}, (name, python)
+    # no Python thread gained (one may still be ending at "before": the closed validation
+    # loader's Pillow pool hands its threads back asynchronously)
+    assert max(python) <= counts["before"][0] and python[-1] <= python[0], (name, python)
     assert os_threads[-1] <= os_threads[1], (name, os_threads)
     assert rss[-1] - rss[1] < 40, (name, rss)  # MB: FFCV's leak was ~5 MB an epoch here
     assert counts["closed"][0] <= counts["before"][0], (name, counts)
