@@ -131,6 +131,9 @@ def test_abandoned_epochs_leave_no_thread_or_memory_behind(runs):
     # no Python thread gained (one may still be ending at "before": the closed validation
     # loader's Pillow pool hands its threads back asynchronously)
     assert max(python) <= counts["before"][0] and python[-1] <= python[0], (name, python)
-    assert os_threads[-1] <= os_threads[1], (name, os_threads)
+    # OS threads (numba's and FFCV's native ones included): one may be starting or ending at a
+    # count (seen once in CI: 5 … 5, 6 for FFCV); a leak of one an epoch adds ~10 over the
+    # last ten epochs
+    assert max(os_threads[10:]) <= max(os_threads[:10]) + 1, (name, os_threads)
     assert rss[-1] - rss[1] < 40, (name, rss)  # MB: FFCV's leak was ~5 MB an epoch here
     assert counts["closed"][0] <= counts["before"][0], (name, counts)
