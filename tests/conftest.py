@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,16 @@ def coloured(tmp_path_factory) -> tuple[Path, dict[int, int]]:
     report = convert(root, out, workers=0, progress=False)
     assert [s["path"].endswith("broken.jpg") for s in report["splits"]["train"]["skipped"]] == [True]
     return out, label_of
+
+
+def wait_for(predicate, proc, timeout: float = 120) -> bool:
+    """Poll ``predicate()`` every 20 ms until it holds (True), ``proc`` (a Popen) ends or
+    ``timeout`` seconds pass (False)."""
+    start = time.time()
+    while time.time() - start < timeout:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False

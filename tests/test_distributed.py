@@ -3,7 +3,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from tricks.train.checkpoint import load_checkpoint
 
-from conftest import subprocess_env
+from conftest import subprocess_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = subprocess_env(ROOT, OMP_NUM_THREADS="1")
@@ -69,17 +68,6 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def _wait_for(predicate, proc, timeout=120):
-    start = time.time()
-    while time.time() - start < timeout:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    return False
-
-
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exiting(shapes_records, tmp_path):
     run = tmp_path / "r"
@@ -87,7 +75,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(shapes_records, tmp_path):
                                    "train.epochs=50"), cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = run / "train_log.jsonl"
-    assert _wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, proc)
+    assert wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
@@ -114,7 +102,7 @@ def test_sigkill_then_resume_is_bitwise_identical(shapes_records, tmp_path):
             return False
         s = load_checkpoint(ckpt)
         return s["step"] >= 15 and s["position"] < 12
-    assert _wait_for(mid_epoch_checkpoint, proc), "no mid-epoch checkpoint before the run ended"
+    assert wait_for(mid_epoch_checkpoint, proc), "no mid-epoch checkpoint before the run ended"
     proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import subprocess_env, wait_for
 from tricks.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,17 +51,6 @@ def data(shapes_records, tmp_path_factory):
     return root
 
 
-def _wait_for_lines(path: Path, n: int, proc, timeout: float = 240) -> bool:
-    start = time.time()
-    while time.time() - start < timeout:
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    return False
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, signame", CASES)
 def test_a_signal_to_the_process_group_saves_a_checkpoint_and_resumes(data, tmp_path, engine,
@@ -76,7 +64,9 @@ def test_a_signal_to_the_process_group_saves_a_checkpoint_and_resumes(data, tmp_
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        trained = _wait_for_lines(run / "train_log.jsonl", 3, proc)
+        log = run / "train_log.jsonl"
+        trained = wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3,
+                           proc, timeout=240)
         if trained:
             os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=120)
